@@ -1,0 +1,48 @@
+# Label Sentinel: `make run` starts the MONAI Label server on demo studies; `make test` runs the tests.
+# Both create the virtualenv and install what they need on first use; re-runs are fast.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STUDIES ?= sample-apps/studies
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+export PYTHONPATH := $(CURDIR)
+export SAM2_BUILD_CUDA := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test bench venv sample-data clean-venv
+
+# The virtualenv is rebuilt when the pinned requirements or pyproject.toml change.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Label Sentinel needs Python 3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== installing torch (first install takes a few minutes) =="
+	$(PIP) install -q setuptools==84.2.1 wheel==0.48.0 $$(grep -E '^(torch|torchvision|numpy)==' requirements.lock)
+	@echo "== installing pinned dependencies =="
+	$(PIP) install -q --no-build-isolation -r requirements.lock
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import labelsentinel.models, labelsentinel.strategies, monailabel, monai; print('installed: monailabel', monailabel.__version__, 'monai', monai.__version__)"
+	@touch $@
+
+venv: $(VENV)/.installed
+
+$(STUDIES)/label_names.json: | $(VENV)/.installed
+	$(VENV)/bin/labelsentinel sample-data --out $(STUDIES)
+
+sample-data: $(STUDIES)/label_names.json
+
+run: $(VENV)/.installed $(STUDIES)/label_names.json
+	@$(PY) -m labelsentinel.serve --app apps/sentinel --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -ra tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+from .segmentation import Segmentation  # noqa: F401

@@ -1,0 +1,1 @@
+"""What learns: the label-quality estimator, label degradations, segmentation networks and training."""
