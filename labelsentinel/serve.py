@@ -21,7 +21,7 @@ class StudiesError(Exception):
     pass
 
 
-def check_studies(studies: str) -> list[str]:
+def check_studies(studies: str, allow_empty: bool = False) -> list[str]:
     """Return the image files of a local studies folder, or raise StudiesError with a clear message."""
     if studies.startswith("http://") or studies.startswith("https://"):
         return []  # a DICOMweb server; MONAI Label checks it
@@ -33,10 +33,11 @@ def check_studies(studies: str) -> list[str]:
     if not os.path.isdir(studies):
         raise StudiesError(f"studies path {studies!r} is not a folder")
     images = sorted(f for p in IMAGE_PATTERNS for f in glob.glob(os.path.join(studies, p)))
-    if not images:
+    if not images and not allow_empty:
         raise StudiesError(
             f"studies folder {studies!r} holds no images ({', '.join(IMAGE_PATTERNS)}). "
-            f"Put your images there, or create demo studies with `labelsentinel sample-data --out {studies}`."
+            f"Put your images there, or create demo studies with `labelsentinel sample-data --out {studies}` "
+            "(or pass --allow-empty to start anyway and upload images through the API)."
         )
     return images
 
@@ -83,7 +84,7 @@ def wait_for_info(url: str, timeout: float, proc: subprocess.Popen | None = None
 
 def serve(args) -> int:
     try:
-        images = check_studies(args.studies)
+        images = check_studies(args.studies, args.allow_empty)
     except StudiesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -128,6 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app option (repeatable)")
+    p.add_argument("--allow-empty", action="store_true", help="start even if the studies folder has no images")
     p.add_argument("--wait", type=float, default=600, help="seconds to wait for the server's first answer")
 
 
