@@ -10,9 +10,16 @@ CASES=${2:-20}
 PY=${PY:-.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-$PY -m labelsentinel.cli sample-data --out "$WORK/studies" --cases "$CASES" --seed 1000 --no-real-ct
-mkdir -p "$WORK/studies/labels/final"
-cp "$WORK"/studies/truth/*.nii.gz "$WORK/studies/labels/final/"
+$PY - "$WORK/studies" "$CASES" <<'PY'
+import sys, numpy as np
+from labelsentinel.io import save_nifti
+from labelsentinel.sampledata import _affine, make_phantom
+out, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    img, truth, _ = make_phantom(np.random.default_rng([1000, i]))
+    save_nifti(f"{out}/train_{i:03d}.nii.gz", img, _affine())
+    save_nifti(f"{out}/labels/final/train_{i:03d}.nii.gz", truth, _affine())
+PY
 export PYTHONPATH="$PWD"
 export MONAI_LABEL_APP_CONF="{\"model_dir\": \"$WORK/model\", \"use_pretrained_model\": \"false\"}"
 time $PY -m monailabel.interfaces.utils.app -a apps/sentinel -s "$WORK/studies" -m train \

@@ -1,0 +1,126 @@
+"""Label Sentinel's own record store: quality scores, settings and other records that must survive.
+
+Why not MONAI Label's datastore JSON: ``LocalDatastore.update_image_info`` rewrites the whole
+``datastore_v2.json`` from the memory of whichever process writes, so a score written by a background
+scoring subprocess is lost at the server's next write (for example the "served" marker of
+``/activelearning``). Scores therefore live here, in an SQLite database next to the studies
+(``STUDIES/.labelsentinel/sentinel.db``): every write is a transaction on one row, processes never
+overwrite each other's rows, and a restart finds everything. A copy is also put into the datastore's image
+info for clients that read it, but nothing in Label Sentinel relies on that copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS quality (
+    image_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    label_stamp TEXT NOT NULL,
+    estimator_version TEXT NOT NULL,
+    ts REAL NOT NULL,
+    record TEXT,
+    error TEXT,
+    PRIMARY KEY (image_id, tag)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+"""
+
+
+def store_path(studies: str) -> str:
+    return os.path.join(studies, ".labelsentinel", "sentinel.db")
+
+
+def file_stamp(path: str) -> str:
+    """Cheap identity of a file version: size and modification time in ns."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+class Store:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self):
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # quality records -----------------------------------------------------------------------------------
+    def put_quality(self, image_id: str, tag: str, label_stamp: str, estimator_version: str, record=None, error=None):
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO quality VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (image_id, tag, label_stamp, estimator_version, time.time(),
+                 None if record is None else json.dumps(record), error),
+            )
+
+    def is_current(self, image_id: str, tag: str, label_stamp: str, estimator_version: str) -> bool:
+        row = self._conn().execute(
+            "SELECT label_stamp, estimator_version FROM quality WHERE image_id=? AND tag=?", (image_id, tag)
+        ).fetchone()
+        return row is not None and row[0] == label_stamp and row[1] == estimator_version
+
+    def quality(self, tag: str | None = None, include_errors: bool = False) -> list[dict]:
+        q = "SELECT image_id, tag, label_stamp, estimator_version, ts, record, error FROM quality"
+        args: tuple = ()
+        if tag is not None:
+            q += " WHERE tag=?"
+            args = (tag,)
+        out = []
+        for image_id, t, stamp, ver, ts, rec, err in self._conn().execute(q + " ORDER BY image_id, tag", args):
+            if err and not include_errors:
+                continue
+            out.append({"image_id": image_id, "tag": t, "label_stamp": stamp, "estimator_version": ver, "ts": ts,
+                        "record": json.loads(rec) if rec else None, "error": err})
+        return out
+
+    def get_quality(self, image_id: str, tag: str) -> dict | None:
+        for r in self.quality(tag, include_errors=True):
+            if r["image_id"] == image_id:
+                return r
+        return None
+
+    def remove_quality(self, image_id: str, tag: str | None = None) -> None:
+        with self._tx() as c:
+            if tag is None:
+                c.execute("DELETE FROM quality WHERE image_id=?", (image_id,))
+            else:
+                c.execute("DELETE FROM quality WHERE image_id=? AND tag=?", (image_id, tag))
+
+    # settings (e.g. a budget a project lead changes while the server runs) -----------------------------
+    def set_setting(self, key: str, value) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO settings VALUES (?, ?, ?)", (key, json.dumps(value), time.time()))
+
+    def get_setting(self, key: str, default=None):
+        row = self._conn().execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default

@@ -1,0 +1,47 @@
+import multiprocessing as mp
+import os
+
+from labelsentinel.store import Store, file_stamp
+
+
+def _writer(path, k, n):
+    s = Store(path)
+    for i in range(n):
+        s.put_quality(f"case_{k}_{i}", "original", "1:1", "v1", record={"k": k, "i": i})
+
+
+def test_records_survive_concurrent_writers_and_reopen(tmp_path):
+    path = str(tmp_path / "s" / "sentinel.db")
+    Store(path)
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(path, k, 25)) for k in range(3)]
+    for p in procs:
+        p.start()
+    _writer(path, 9, 25)  # and this process at the same time
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    s = Store(path)  # a "restart"
+    rows = s.quality("original")
+    assert len(rows) == 4 * 25
+    assert {r["record"]["k"] for r in rows} == {0, 1, 2, 9}
+
+
+def test_incremental_stamps_errors_and_settings(tmp_path):
+    s = Store(str(tmp_path / "db.sqlite"))
+    f = tmp_path / "x.nii.gz"
+    f.write_bytes(b"abc")
+    st = file_stamp(str(f))
+    s.put_quality("a", "original", st, "v1", record={"x": 1})
+    assert s.is_current("a", "original", st, "v1")
+    assert not s.is_current("a", "original", st, "v2")
+    f.write_bytes(b"abcd")
+    assert not s.is_current("a", "original", file_stamp(str(f)), "v1")
+    s.put_quality("b", "original", "0:0", "v1", error="b: cannot be read")
+    assert [r["image_id"] for r in s.quality("original")] == ["a"]
+    assert s.get_quality("b", "original")["error"] == "b: cannot be read"
+    s.remove_quality("a")
+    assert s.get_quality("a", "original") is None
+    assert s.get_setting("budget") is None
+    s.set_setting("budget", {"cases": 5})
+    assert Store(str(tmp_path / "db.sqlite")).get_setting("budget") == {"cases": 5}
+    assert os.path.exists(tmp_path / "db.sqlite")
