@@ -19,9 +19,9 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.segmentation import Segmentation
+from lib.activelearning import Random
 from lib.datastore import SentinelDatastore
 
 from labelsentinel import __version__
