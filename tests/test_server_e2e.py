@@ -87,6 +87,10 @@ def test_infer_returns_a_label_on_the_image_grid(client, server):
     liver = 2 * np.sum((p == 5) & (truth == 5)) / (np.sum(p == 5) + np.sum(truth == 5))
     assert liver > 0.8, f"liver Dice {liver:.3f}"
     print(f"infer on case_003: {seconds:.2f} s, liver Dice {liver:.3f}")
+    # The real CT (another size, spacing and orientation) comes back on its own grid too.
+    label_file, _ = client.infer("segmentation", "totalseg_ct", {})
+    ct = nib.load(os.path.join(server.studies, "totalseg_ct.nii.gz"))
+    assert nib.load(label_file).shape == ct.shape
 
 
 def test_infer_bad_inputs_give_clear_errors(client, server, tmp_path):

@@ -45,7 +45,6 @@ def header_shape(path: str):
 class Segmentation(BasicInferTask):
     def __init__(self, path, network, labels: dict[str, int], spacing, roi_size, description="", **kwargs):
         self.spacing = spacing
-        self.roi_size = roi_size
         self.ids = list(labels.values())  # network channel i+1 -> structure id ids[i]
         super().__init__(
             path=path,
@@ -54,6 +53,7 @@ class Segmentation(BasicInferTask):
             labels=labels,
             dimension=3,
             description=description,
+            roi_size=roi_size,
             **kwargs,
         )
 
