@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "labelsentinel.sampledata",
     "labelsentinel.serve",
+    "labelsentinel.lead",
     "labelsentinel.models.estimator_cli",
 ]
 

@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS quality (
     error TEXT,
     PRIMARY KEY (image_id, tag)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    case_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -124,3 +129,30 @@ class Store:
     def get_setting(self, key: str, default=None):
         row = self._conn().execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
+
+    # leases: a case served to one annotator is not served to another until it expires -----------------
+    def acquire_lease(self, case_id: str, client_id: str, ttl: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            row = c.execute("SELECT client_id, expires FROM leases WHERE case_id=?", (case_id,)).fetchone()
+            if row and row[1] > now and row[0] != client_id:
+                return False
+            c.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (case_id, client_id, now + ttl))
+            return True
+
+    def release_lease(self, case_id: str, client_id: str | None = None) -> None:
+        with self._tx() as c:
+            if client_id is None:
+                c.execute("DELETE FROM leases WHERE case_id=?", (case_id,))
+            else:
+                c.execute("DELETE FROM leases WHERE case_id=? AND client_id=?", (case_id, client_id))
+
+    def leased_by_others(self, client_id: str, now: float | None = None) -> set[str]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute("SELECT case_id FROM leases WHERE expires > ? AND client_id != ?", (now, client_id))
+        return {r[0] for r in rows}
+
+    def leases(self, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute("SELECT case_id, client_id, expires FROM leases WHERE expires > ?", (now,))
+        return {r[0]: {"client_id": r[1], "expires": r[2]} for r in rows}

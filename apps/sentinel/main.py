@@ -25,6 +25,10 @@ from lib.activelearning import Random
 from lib.datastore import SentinelDatastore
 
 from labelsentinel import __version__
+from labelsentinel.io import load_label_names
+from labelsentinel.store import Store, store_path
+from labelsentinel.strategies.monailabel_adapters import BudgetStrategy, QualityScoring, QualityStrategy
+from labelsentinel.strategies.ranking import good_enough_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ class SentinelApp(MONAILabelApp):
             c = CONFIGS[n]()
             c.init(n, self.model_dir, conf, None)
             self.configs[n] = c
+        self.estimator_weights = conf.get("estimator_weights") or None
+        self.threshold = self._good_enough(conf)
+        self._store = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -87,11 +94,76 @@ class SentinelApp(MONAILabelApp):
                 out[k] = t
         return out
 
+    def _good_enough(self, conf) -> float:
+        """``--conf good_enough X``, else derived from the estimator's validation MAE (see ranking.py)."""
+        if conf.get("good_enough"):
+            return float(conf["good_enough"])
+        try:
+            import torch
+
+            from labelsentinel.models.estimator import DEFAULT_WEIGHTS
+
+            ck = torch.load(self.estimator_weights or DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+            mae = float(ck["validation"]["estimator"]["mae"])
+        except Exception as e:  # no weights yet: a conservative default
+            logger.warning(f"estimator MAE unknown ({e}); good-enough threshold 0.9")
+            return 0.9
+        return good_enough_threshold(mae)
+
+    def store(self) -> Store:
+        """Label Sentinel's record store (scores, leases, budget): next to local studies, else in model_dir."""
+        if self._store is None:
+            local = not (self.studies.startswith("http://") or self.studies.startswith("https://"))
+            path = store_path(self.studies) if local else os.path.join(self.model_dir, "sentinel.db")
+            self._store = Store(self.conf.get("sentinel_db") or path)
+        return self._store
+
+    def structure_names(self) -> dict[int, str]:
+        """Names for the estimator: the app's labels, plus the studies' label_names.json when there is one."""
+        names = {}
+        p = os.path.join(self.studies, "label_names.json")
+        if os.path.isfile(p):
+            names.update(load_label_names(p))
+        for c in self.configs.values():
+            names.update({int(v): k for k, v in c.labels.items()})
+        if self.conf.get("label_names"):
+            names.update(load_label_names(self.conf["label_names"]))
+        return names
+
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {
+            "quality": QualityStrategy(self.store, self.threshold),
+            "budget": BudgetStrategy(self.store, self.threshold),
+            "random": Random(),
+            "first": First(),
+        }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        return {}
+        device = "cuda" if self.conf.get("estimator_device") == "cuda" else "cpu"
+        return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device)}
+
+    def next_sample(self, request):
+        """As MONAI Label's, but when our strategies have nothing to serve the answer says why.
+
+        MONAI Label's /activelearning endpoint reads ``result["id"]`` of any non-empty answer, so such an
+        answer carries an empty id (clients read an empty id as "nothing to label") and a ``reason``.
+        """
+        task = self._strategies.get(request.get("strategy") or "random")
+        if not isinstance(task, (QualityStrategy, BudgetStrategy)):
+            return super().next_sample(request)
+        res = task(request, self.datastore()) or {}
+        if not res.get("id"):
+            return {**res, "id": ""}
+        res["path"] = self._datastore.get_image_uri(res["id"])
+        if self._auto_update_scoring:
+            self.async_scoring(None)
+        return res
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        from lib.endpoints import register_routes
+
+        register_routes(self)
 
     def info(self):
         d = super().info()

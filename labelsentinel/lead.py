@@ -1,0 +1,284 @@
+"""The project lead's commands, over HTTP against a running Label Sentinel server.
+
+    labelsentinel status --server URL [--score] [--json]
+    labelsentinel plan   --server URL [--cases N | --minutes M] [--cost-model JSON] [--json]
+    labelsentinel report --server URL --out DIR [--score]
+
+``--score`` asks the server to (re)score the labels first (``POST /scoring/quality``) and shows progress
+until it is done; scoring is incremental, so this is quick when nothing changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import sys
+import time
+
+import requests
+
+
+class ServerError(Exception):
+    pass
+
+
+def _get(server: str, path: str, **kw):
+    try:
+        r = requests.get(server.rstrip("/") + path, timeout=60, **kw)
+    except requests.RequestException as e:
+        raise ServerError(f"cannot reach {server}: {e}") from e
+    if r.status_code != 200:
+        raise ServerError(f"{path}: HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
+def run_scoring(server: str, timeout: float = 3600, out=sys.stderr) -> dict:
+    """Start quality scoring (or join the one running) and wait for it, printing progress."""
+    base = server.rstrip("/")
+    r = requests.post(f"{base}/scoring/quality", timeout=60)
+    if r.status_code not in (200, 429):
+        raise ServerError(f"/scoring/quality: HTTP {r.status_code}: {r.text[:300]}")
+    t0, last = time.time(), ""
+    while time.time() - t0 < timeout:
+        st = _get(server, "/scoring/")
+        details = st.get("details") or []
+        lines = [d for d in details if "quality scoring [" in d]
+        msg = lines[-1].split("quality scoring ", 1)[1] if lines else st.get("status", "")
+        if msg != last:
+            print(f"\rscoring: {msg[:100]:<100}", end="", file=out, flush=True)
+            last = msg
+        if st.get("status") in ("DONE", "ERROR", "STOPPED"):
+            print(f"\rscoring: {st.get('status')} after {time.time() - t0:.0f} s{' ' * 80}", file=out)
+            if st.get("status") != "DONE":
+                raise ServerError(f"scoring ended as {st.get('status')}: {(details or [''])[-1][:300]}")
+            return st
+        time.sleep(1)
+    raise ServerError(f"scoring did not finish in {timeout:.0f} s")
+
+
+def _records(q: dict, unlabeled_only: bool = False) -> list[dict]:
+    out = []
+    for r in q["records"]:
+        if r.get("record") and not (unlabeled_only and r["has_final"]):
+            out.append(r["record"])
+    return out
+
+
+def summarize(q: dict, method: str = "min") -> dict:
+    from labelsentinel.strategies.ranking import aggregate
+
+    thr = q["good_enough"]
+    scored = [r for r in q["records"] if r.get("record")]
+    pending = [r for r in scored if not r["has_final"]]
+    aggs = [aggregate(r["record"], method) for r in pending]
+    aggs = [a for a in aggs if a is not None]
+    return {
+        "images": len(q["images"]),
+        "with_final_label": len(q["labeled"]),
+        "scored_labels": len(scored),
+        "label_errors": {r["image_id"]: r["error"] for r in q["records"] if r.get("error")},
+        "unreadable_images": q.get("unreadable_images", {}),
+        "good_enough": thr,
+        "unlabeled_scored": len(aggs),
+        "below_threshold": sum(a < thr for a in aggs),
+        "above_threshold": sum(a >= thr for a in aggs),
+        "out_with_annotators": len(q.get("leases", {})),
+    }
+
+
+def cmd_status(args) -> int:
+    if args.score:
+        run_scoring(args.server)
+    info = _get(args.server, "/info/")
+    q = _get(args.server, "/labelsentinel/quality")
+    s = summarize(q)
+    budget = _get(args.server, "/labelsentinel/budget")["status"]
+    if args.json:
+        print(json.dumps({"server": args.server, "app": info.get("name"), **s, "budget": budget}, indent=1))
+        return 0
+    print(f"{info.get('name')} at {args.server}")
+    print(f"  images: {s['images']} ({s['with_final_label']} with a final label, {len(s['unreadable_images'])} unreadable)")
+    print(f"  pseudo-labels scored: {s['scored_labels']}; unlabeled cases below the good-enough threshold "
+          f"({s['good_enough']:.2f}): {s['below_threshold']}, above: {s['above_threshold']}")
+    print(f"  out with annotators: {s['out_with_annotators']}")
+    for k, v in s["label_errors"].items():
+        print(f"  label error: {k}: {v}")
+    print(f"  budget: {json.dumps(budget)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    base = args.server.rstrip("/")
+    if args.cases is None and args.minutes is None:
+        d = _get(args.server, "/labelsentinel/budget")
+        plan, status = d["plan"], d["status"]
+        if args.json:
+            print(json.dumps(d, indent=1))
+        elif not plan:
+            print(status.get("reason", "no budget set"))
+        else:
+            _print_plan(plan)
+            print(f"used: {status['used_cases']} case(s), {status['used_minutes']} min; left: "
+                  f"{status['left_cases']} case(s), {status['left_minutes']} min")
+        return 0
+    if args.score:
+        run_scoring(args.server)
+    body = {"cases": args.cases, "minutes": args.minutes}
+    if args.cost_model:
+        body["cost_model"] = json.loads(args.cost_model)
+    r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
+    if r.status_code != 200:
+        raise ServerError(f"setting the budget: HTTP {r.status_code}: {r.text[:300]}")
+    plan = r.json()
+    print(json.dumps(plan, indent=1) if args.json else "", end="")
+    if not args.json:
+        _print_plan(plan)
+    return 0
+
+
+def _print_plan(plan: dict) -> None:
+    b = f"{plan['budget_cases']} cases" if plan["budget_cases"] is not None else f"{plan['budget_minutes']} minutes"
+    print(f"budget {b}: {len(plan['cases'])} planned correction(s), {plan['used_minutes']} annotator minutes "
+          f"({plan['method']})")
+    for i, c in enumerate(plan["cases"], 1):
+        print(f"  {i:3d}. {c['case_id']:<24} expected gain {c['gain']:.4f}  {c['minutes']:.1f} min")
+    if plan["dataset_dice_before"] is not None:
+        print(f"expected dataset Dice: {plan['dataset_dice_before']:.4f} -> {plan['dataset_dice_after']:.4f}")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(q: dict, out: str, method: str = "min") -> dict:
+    """HTML page + CSV files from the server's quality records; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labelsentinel.strategies.budget import plan_budget
+    from labelsentinel.strategies.ranking import aggregate
+
+    os.makedirs(out, exist_ok=True)
+    thr = q["good_enough"]
+    recs = [r for r in q["records"] if r.get("record")]
+    per_struct: dict[str, list[float]] = {}
+    with open(os.path.join(out, "structures.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "tag", "label_id", "name", "predicted_dice", "voxels", "flags", "has_final"])
+        for r in recs:
+            for s in r["record"]["structures"]:
+                w.writerow([r["image_id"], r["tag"], s["id"], s.get("name") or "", s["predicted_dice"], s["voxels"],
+                            ";".join(s.get("flags") or []), int(r["has_final"])])
+                per_struct.setdefault(s.get("name") or str(s["id"]), []).append(s["predicted_dice"])
+    cases = []
+    for r in recs:
+        a = aggregate(r["record"], method)
+        worst = sorted(r["record"]["structures"], key=lambda s: s["predicted_dice"])[:3]
+        cases.append((r["image_id"], a, worst, r["has_final"]))
+    cases.sort(key=lambda c: (c[1] if c[1] is not None else 2, c[0]))
+    with open(os.path.join(out, "cases.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", f"predicted_dice_{method}", "good_enough", "worst_structures", "has_final"])
+        for cid, a, worst, fin in cases:
+            w.writerow([cid, "" if a is None else f"{a:.4f}", int(a is not None and a >= thr),
+                        "; ".join(f"{s.get('name') or s['id']} {s['predicted_dice']:.2f}" for s in worst), int(fin)])
+    pending = [r["record"] for r in recs if not r["has_final"]]
+    full = plan_budget(pending, budget_cases=len(pending), threshold=None)
+    with open(os.path.join(out, "budget_curve.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["corrected_cases", "expected_dataset_dice"])
+        w.writerows(full.curve)
+
+    figs = {}
+    if per_struct:
+        names = sorted(per_struct, key=lambda n: (sum(per_struct[n]) / len(per_struct[n]), n))
+        fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(names))))
+        ax.boxplot([per_struct[n] for n in names], vert=False, labels=names)
+        ax.axvline(thr, color="r", ls="--", label=f"good enough ({thr:.2f})")
+        ax.set_xlabel("predicted Dice")
+        ax.legend(loc="lower left")
+        figs["structures"] = _png(fig)
+        plt.close(fig)
+    if len(full.curve) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([c[0] for c in full.curve], [c[1] for c in full.curve], marker=".")
+        ax.set_xlabel("corrected cases (best first)")
+        ax.set_ylabel("expected dataset Dice")
+        figs["budget"] = _png(fig)
+        plt.close(fig)
+    n_below = sum(1 for _, a, _, fin in cases if not fin and a is not None and a < thr)
+    n_above = sum(1 for _, a, _, fin in cases if not fin and a is not None and a >= thr)
+    e = html.escape
+    def worst_text(worst):
+        return ", ".join(f"{s.get('name') or s['id']} {s['predicted_dice']:.2f}" for s in worst)
+
+    rows = "".join(
+        f"<tr><td>{e(cid)}</td><td>{'' if a is None else f'{a:.3f}'}</td><td>{e(worst_text(worst))}</td>"
+        f"<td>{'final' if fin else ''}</td></tr>"
+        for cid, a, worst, fin in cases[:50]
+    )
+    errors = "".join(f"<li>{e(r['image_id'])}/{e(r['tag'])}: {e(r['error'])}</li>" for r in q["records"] if r.get("error"))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Label Sentinel report</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head><body>
+<h1>Label quality report</h1>
+<p>{len(q['images'])} images, {len(q['labeled'])} with a final label; {len(recs)} pseudo-labels scored.
+Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (need a human), {n_above} above.</p>
+<h2>Predicted Dice per structure</h2>{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
+<h2>Budget curve</h2><p>Expected dataset Dice (mean over structure instances of unlabeled cases) after correcting the
+best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}
+<h2>Worst cases (lowest predicted Dice, {method} over structures)</h2>
+<table><tr><th>case</th><th>predicted Dice</th><th>worst structures</th><th></th></tr>{rows}</table>
+{f'<h2>Labels that could not be scored</h2><ul>{errors}</ul>' if errors else ''}
+<p>CSV: structures.csv, cases.csv, budget_curve.csv</p></body></html>"""
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(page)
+    return {k: os.path.join(out, k) for k in ("report.html", "structures.csv", "cases.csv", "budget_curve.csv")}
+
+
+def cmd_report(args) -> int:
+    if args.score:
+        run_scoring(args.server)
+    q = _get(args.server, "/labelsentinel/quality")
+    paths = write_report(q, args.out, args.aggregate)
+    print(json.dumps(paths, indent=1))
+    return 0
+
+
+def _wrap(f):
+    def run(args):
+        try:
+            return f(args)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(sub) -> None:
+    for name, func, help_ in (
+        ("status", cmd_status, "quality and budget status of a running server"),
+        ("plan", cmd_plan, "set (or show) the labelling budget and its plan"),
+        ("report", cmd_report, "write an HTML report and CSV files"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+        p.add_argument("--score", action="store_true", help="(re)score the labels first, with progress")
+        if name != "report":
+            p.add_argument("--json", action="store_true")
+        if name == "plan":
+            p.add_argument("--cases", type=int, help="budget in corrected cases")
+            p.add_argument("--minutes", type=float, help="budget in annotator minutes")
+            p.add_argument("--cost-model", help='JSON, e.g. {"base_minutes": 3, "structure_minutes": {"liver": 10}}')
+        if name == "report":
+            p.add_argument("--out", required=True, help="folder for report.html and the CSV files")
+            p.add_argument("--aggregate", default="min", choices=["min", "mean", "volume_weighted"])
+        p.set_defaults(func=_wrap(func))

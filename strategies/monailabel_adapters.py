@@ -1,0 +1,209 @@
+"""Thin MONAI Label adapters: the `quality` scoring method and the `quality` and `budget` strategies.
+
+All decisions are made by the plain functions of :mod:`labelsentinel.strategies` over records kept in the
+:class:`labelsentinel.store.Store`; these classes only translate between them and MONAI Label's datastore
+and request dicts. Options appear in ``info()["config"]`` so the OHIF and Slicer panels show them and send
+them back as request parameters (a list value means "choose one"; its first element is the default).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from labelsentinel.store import Store
+from labelsentinel.strategies.budget import CostModel, plan_budget
+from labelsentinel.strategies.ranking import METHODS, rank_cases
+from labelsentinel.strategies.scoring import LabelItem, score_labels
+
+logger = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+def label_items(datastore: Datastore, tags=None) -> list[LabelItem]:
+    """Every non-final label (pseudo-labels, stored model predictions) of every readable image."""
+    items = []
+    image_error = getattr(datastore, "image_error", None)
+    for image_id in datastore.list_images():
+        if image_error and image_error(image_id):
+            continue
+        for tag, label_id in datastore.get_labels_by_image_id(image_id).items():
+            if tag == FINAL or (tags and tag not in tags):
+                continue
+            items.append(LabelItem(image_id, tag, datastore.get_image_uri(image_id),
+                                   datastore.get_label_uri(label_id, tag)))
+    return items
+
+
+class QualityScoring(ScoringMethod):
+    """Predicted Dice of every structure of every pseudo-label; skips what did not change."""
+
+    def __init__(self, store: Callable[[], Store], names: dict, weights: str | None = None, device: str = "cpu"):
+        super().__init__("Label quality: predicted Dice of every structure of every pseudo-label (no ground truth)")
+        self._store = store
+        self.names = names
+        self.weights = weights
+        self.device = device
+
+    def __call__(self, request, datastore: Datastore):
+        from labelsentinel.models.estimator import QualityEstimator, weights_version
+
+        version = weights_version(self.weights)
+        result = score_labels(
+            label_items(datastore),
+            self._store(),
+            version,
+            lambda: QualityEstimator.load(self.weights, self.device),
+            self.names,
+            progress=lambda m: logger.info(f"quality scoring {m}"),
+        )
+        logger.info(f"quality scoring: {len(result['scored'])} scored, {result['unchanged']} unchanged, "
+                    f"{len(result['errors'])} errors in {result['seconds']} s")
+        return result
+
+
+def _param(request: dict, key: str, default):
+    v = request.get(key, default)
+    if isinstance(v, list):
+        v = v[0] if v else default
+    return default if v in (None, "") else v
+
+
+def _structures(request) -> list[str] | None:
+    s = _param(request, "structures", "")
+    return [x.strip() for x in str(s).split(",") if x.strip()] or None
+
+
+class QualityStrategy(Strategy):
+    """Serves the unlabeled case whose pseudo-label most needs a human; never the same case to two
+    annotators while it is out; never a case whose predicted quality is already good enough."""
+
+    def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
+        super().__init__("Quality: the case whose pseudo-label most needs a human (predicted Dice, lowest first)")
+        self._store = store
+        self.threshold = threshold
+        self.lease_minutes = lease_minutes
+
+    def info(self):
+        return {
+            "description": self.description,
+            "config": {
+                "aggregate": list(METHODS),
+                "structures": "",
+                "good_enough": round(self.threshold, 3),
+                "label_tag": "original",
+            },
+        }
+
+    def candidates(self, request, datastore: Datastore):
+        store = self._store()
+        tag = str(_param(request, "label_tag", "original"))
+        unlabeled = set(datastore.get_unlabeled_images())
+        records = [r["record"] for r in store.quality(tag) if r["record"] and r["image_id"] in unlabeled]
+        threshold = float(_param(request, "good_enough", self.threshold))
+        ranked = rank_cases(records, str(_param(request, "aggregate", "min")), _structures(request), threshold)
+        scored = {r["case"] for r in records}
+        return store, ranked, unlabeled, scored, threshold
+
+    def __call__(self, request, datastore: Datastore):
+        client = str(request.get("client_id") or "anonymous")
+        store, ranked, unlabeled, scored, threshold = self.candidates(request, datastore)
+        busy = store.leased_by_others(client)
+        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
+        for rc in ranked:
+            if rc.case_id not in busy and store.acquire_lease(rc.case_id, client, ttl):
+                return {"id": rc.case_id, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
+                        "client_id": client}
+        # Cases not scored yet (e.g. just added) come after every scored case that needs a human.
+        for cid in sorted(unlabeled - scored - busy):
+            if store.acquire_lease(cid, client, ttl):
+                return {"id": cid, "predicted_dice": None, "reason": "not scored yet", "client_id": client}
+        n_good = len(scored & unlabeled) - len(ranked)
+        return {"reason": f"nothing to serve: {n_good} unlabeled case(s) are good enough (>= {threshold:.2f}), "
+                          f"{len(busy)} are out with other annotators"}
+
+
+class BudgetStrategy(Strategy):
+    """Serves the cases of the budget plan in order and reports the budget used and left with each answer.
+
+    The plan is made when a project lead sets the budget (``labelsentinel plan --server URL --cases N`` or
+    ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. A
+    planned case counts as used once it is served (out with an annotator) or has a final label.
+    """
+
+    def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
+        super().__init__("Budget: the planned corrections that buy the most dataset Dice, within the lead's budget")
+        self._store = store
+        self.threshold = threshold
+        self.lease_minutes = lease_minutes
+
+    @staticmethod
+    def make_plan(store: Store, datastore: Datastore, budget_cases=None, budget_minutes=None, cost_model=None,
+                  threshold=None, tag="original") -> dict:
+        unlabeled = set(datastore.get_unlabeled_images())
+        records = [r["record"] for r in store.quality(tag) if r["record"] and r["image_id"] in unlabeled]
+        plan = plan_budget(records, budget_cases=budget_cases, budget_minutes=budget_minutes,
+                           cost_model=CostModel.from_dict(cost_model), threshold=threshold)
+        d = plan.to_dict()
+        d.update(ts=time.time(), cost_model=cost_model or {}, threshold=threshold, served=[])
+        store.set_setting("budget_plan", d)
+        return d
+
+    @staticmethod
+    def status(store: Store, datastore: Datastore) -> dict:
+        plan = store.get_setting("budget_plan")
+        if not plan:
+            return {"reason": "no budget set: a project lead sets one with `labelsentinel plan --server URL --cases N`"}
+        labeled = set(datastore.get_labeled_images())
+        served = set(plan.get("served", []))
+        used = [c for c in plan["cases"] if c["case_id"] in served or c["case_id"] in labeled]
+        used_minutes = round(sum(c["minutes"] for c in used), 3)
+        out = {
+            "budget_cases": plan["budget_cases"],
+            "budget_minutes": plan["budget_minutes"],
+            "used_cases": len(used),
+            "used_minutes": used_minutes,
+            "planned_cases": len(plan["cases"]),
+        }
+        out["left_cases"] = None if plan["budget_cases"] is None else plan["budget_cases"] - len(used)
+        out["left_minutes"] = None if plan["budget_minutes"] is None else round(plan["budget_minutes"] - used_minutes, 3)
+        return out
+
+    def __call__(self, request, datastore: Datastore):
+        store = self._store()
+        client = str(request.get("client_id") or "anonymous")
+        plan = store.get_setting("budget_plan")
+        if not plan:
+            return self.status(store, datastore)
+        labeled = set(datastore.get_labeled_images())
+        busy = store.leased_by_others(client)
+        ttl = 60.0 * self.lease_minutes
+        served = list(plan.get("served", []))
+        for c in plan["cases"]:
+            cid = c["case_id"]
+            if cid in labeled or cid in busy:
+                continue
+            if cid in served:
+                # Served before: only back to the annotator who holds it (e.g. after a viewer restart).
+                lease = store.leases().get(cid)
+                if not lease or lease["client_id"] != client:
+                    continue
+            if store.acquire_lease(cid, client, ttl):
+                if cid not in served:
+                    served.append(cid)
+                    plan["served"] = served
+                    store.set_setting("budget_plan", plan)
+                return {"id": cid, "expected_gain": c["gain"], "minutes": c["minutes"], **self.status(store, datastore)}
+        st = self.status(store, datastore)
+        if not plan["cases"]:
+            st["reason"] = "nothing planned: no unlabeled case was below the good-enough threshold when the budget was set"
+            return st
+        st["reason"] = (f"budget spent: {st['used_cases']} of {len(plan['cases'])} planned case(s) used"
+                        + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
+        return st
