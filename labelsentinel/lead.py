@@ -201,7 +201,7 @@ def write_report(q: dict, out: str, method: str = "min") -> dict:
     if per_struct:
         names = sorted(per_struct, key=lambda n: (sum(per_struct[n]) / len(per_struct[n]), n))
         fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(names))))
-        ax.boxplot([per_struct[n] for n in names], vert=False, labels=names)
+        ax.boxplot([per_struct[n] for n in names], orientation="horizontal", tick_labels=names)
         ax.axvline(thr, color="r", ls="--", label=f"good enough ({thr:.2f})")
         ax.set_xlabel("predicted Dice")
         ax.legend(loc="lower left")

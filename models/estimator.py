@@ -311,8 +311,8 @@ def net_config() -> dict:
         "margin_xy": list(MARGIN_XY),
         "margin_z": list(MARGIN_Z),
         "feature_names": list(FEATURE_NAMES),
-        "cnn_channels": [16, 32, 64],
-        "hidden": 64,
+        "cnn_channels": [16, 32, 64, 128],
+        "hidden": 96,
         "emb_proj": 16,
     }
 

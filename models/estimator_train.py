@@ -135,7 +135,7 @@ def make_samples(pairs: list[Pair], per_structure: int, seed: int, kinds=TRAIN_K
     jobs = [(p, per_structure, seed, i, tuple(kinds)) for i, p in enumerate(pairs)]
     acc = {"crop": [], "feat": [], "y": [], "sid": [], "kind": [], "name": [], "case": []}
     t0 = time.time()
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch has started its threads can deadlock
     with ctx.Pool(max(1, workers)) if workers > 1 else _Serial() as pool:
         for n, (case, out) in enumerate(pool.imap_unordered(_samples_for_pair, jobs), 1):
             for k in out:
@@ -315,6 +315,7 @@ def train(
             "seed": seed,
             "loss": {"weighted_mse": "1 + 6*clip((0.9-y)/0.6, 0, 1)", "rank_weight": RANK_WEIGHT},
             "seconds": round(time.time() - t0, 1),
+            "command": " ".join(["labelsentinel"] + sys.argv[1:]) if sys.argv and "labelsentinel" in sys.argv[0] else "",
         },
         "validation": {"estimator": best, "baseline": base_val},
         "feature_names": list(FEATURE_NAMES),

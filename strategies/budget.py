@@ -1,7 +1,7 @@
 """Labelling budgets: which corrections buy the most dataset quality.
 
 Dataset quality = mean predicted Dice over every structure instance of the cases considered (each
-structure of each case counts once). Correcting a case makes its structures perfect, so its expected gain is
+structure of each case counts once; an expected structure missing from a label counts as Dice 0). Correcting a case makes its structures perfect, so its expected gain is
 ``sum over its structures of (1 - predicted Dice) / N`` with N the number of structure instances.
 
 Cost model (annotator minutes, a project lead can override every part):
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from labelsentinel.strategies.ranking import _check
+from labelsentinel.strategies.ranking import _check, structures_of
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CostModel:
         if self.minutes_per_case is not None:
             return float(self.minutes_per_case)
         total = self.base_minutes
-        for s in record.get("structures") or []:
+        for s in structures_of(record):
             name = s.get("name")
             if name in self.structure_minutes:
                 total += float(self.structure_minutes[name])
@@ -104,15 +104,15 @@ class BudgetPlan:
 
 
 def dataset_dice(records: list[dict]) -> float | None:
-    vals = [_check(s["predicted_dice"]) for r in records for s in r.get("structures") or []]
+    vals = [_check(s["predicted_dice"]) for r in records for s in structures_of(r)]
     return sum(vals) / len(vals) if vals else None
 
 
 def expected_gains(records: list[dict]) -> dict[str, float]:
-    n = sum(len(r.get("structures") or []) for r in records)
+    n = sum(len(structures_of(r)) for r in records)
     if n == 0:
         return {r["case"]: 0.0 for r in records}
-    return {r["case"]: sum(1.0 - _check(s["predicted_dice"]) for s in r.get("structures") or []) / n for r in records}
+    return {r["case"]: sum(1.0 - _check(s["predicted_dice"]) for s in structures_of(r)) / n for r in records}
 
 
 def _knapsack(items: list[tuple[str, float, float]], budget: float, resolution: float):

@@ -44,9 +44,11 @@ def label_items(datastore: Datastore, tags=None) -> list[LabelItem]:
 class QualityScoring(ScoringMethod):
     """Predicted Dice of every structure of every pseudo-label; skips what did not change."""
 
-    def __init__(self, store: Callable[[], Store], names: dict, weights: str | None = None, device: str = "cpu"):
+    def __init__(self, store: Callable[[], Store], names: dict, weights: str | None = None, device: str = "cpu",
+                 expected: set[int] | None = None):
         super().__init__("Label quality: predicted Dice of every structure of every pseudo-label (no ground truth)")
         self._store = store
+        self.expected = set(expected or ())
         self.names = names
         self.weights = weights
         self.device = device
@@ -62,6 +64,7 @@ class QualityScoring(ScoringMethod):
             lambda: QualityEstimator.load(self.weights, self.device),
             self.names,
             progress=lambda m: logger.info(f"quality scoring {m}"),
+            expected=self.expected,
         )
         logger.info(f"quality scoring: {len(result['scored'])} scored, {result['unchanged']} unchanged, "
                     f"{len(result['errors'])} errors in {result['seconds']} s")
@@ -120,10 +123,14 @@ class QualityStrategy(Strategy):
             if rc.case_id not in busy and store.acquire_lease(rc.case_id, client, ttl):
                 return {"id": rc.case_id, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
                         "client_id": client}
-        # Cases not scored yet (e.g. just added) come after every scored case that needs a human.
+        # Cases without a score (just added, or a label that cannot be read) come after every scored case
+        # that needs a human: their label is unknown or unusable, so a person must look.
+        tag = str(_param(request, "label_tag", "original"))
         for cid in sorted(unlabeled - scored - busy):
             if store.acquire_lease(cid, client, ttl):
-                return {"id": cid, "predicted_dice": None, "reason": "not scored yet", "client_id": client}
+                q = store.get_quality(cid, tag)
+                why = f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
+                return {"id": cid, "predicted_dice": None, "reason": why, "client_id": client}
         n_good = len(scored & unlabeled) - len(ranked)
         return {"reason": f"nothing to serve: {n_good} unlabeled case(s) are good enough (>= {threshold:.2f}), "
                           f"{len(busy)} are out with other annotators"}

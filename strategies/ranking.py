@@ -9,8 +9,9 @@ Aggregation (``method``):
 - ``min``: the worst structure decides (default: one bad structure is enough to need a human);
 - ``mean``: plain mean over structures;
 - ``volume_weighted``: mean weighted by voxels (big organs dominate, as in a voxel-wise Dice).
-``structures`` restricts the aggregation to a subset (names or ids); ``expected`` lists ids a complete
-label must have: a missing one counts as Dice 0.
+``structures`` restricts the aggregation to a subset (names or ids). A structure the project expects but
+the label lacks (listed in the record's ``missing``, written by the scoring, or passed as ``expected``)
+counts as Dice 0: the estimator cannot score what is not there, and a missing organ needs a human.
 
 Good enough: a label is not worth a correction when its predicted Dice is so close to perfect that the
 predicted gain ``1 - d`` is within the estimator's own error. With the estimator's measured mean absolute
@@ -35,6 +36,15 @@ class RankedCase:
     record: dict | None = None
 
 
+def structures_of(record: dict) -> list[dict]:
+    """The record's scored structures plus its missing expected ones (predicted Dice 0, flag "missing")."""
+    out = list(record.get("structures") or [])
+    for m in record.get("missing") or []:
+        m = m if isinstance(m, dict) else {"id": m, "name": None}
+        out.append({"id": m["id"], "name": m.get("name"), "predicted_dice": 0.0, "voxels": 0, "flags": ["missing"]})
+    return out
+
+
 def _selected(structures: list[dict], subset) -> list[dict]:
     if not subset:
         return list(structures)
@@ -53,9 +63,10 @@ def aggregate(record: dict, method: str = "min", structures=None, expected=None)
     """The case's predicted quality, or None when none of the chosen structures is there."""
     if method not in METHODS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(METHODS)}")
-    sel = _selected(record.get("structures") or [], structures)
+    allst = structures_of(record)
+    sel = _selected(allst, structures)
     vals = [(_check(s["predicted_dice"]), max(1, int(s.get("voxels") or 1))) for s in sel]
-    present = {int(s["id"]) for s in record.get("structures") or []}
+    present = {int(s["id"]) for s in allst}
     for i in sorted(set(expected or ()) - present):
         if not structures or str(i) in {str(x) for x in structures}:
             vals.append((0.0, 1))  # an expected structure that is missing: Dice 0
@@ -96,7 +107,7 @@ def rank_cases(records: list[dict], method: str = "min", structures=None, thresh
         score = aggregate(r, method, structures, expected)
         if score is None or (threshold is not None and score >= threshold):
             continue
-        sel = sorted(_selected(r.get("structures") or [], structures), key=lambda s: (s["predicted_dice"], str(s["id"])))
+        sel = sorted(_selected(structures_of(r), structures), key=lambda s: (s["predicted_dice"], str(s["id"])))
         worst = [{"id": s["id"], "name": s.get("name"), "predicted_dice": s["predicted_dice"]} for s in sel[:worst_n]]
         out.append(RankedCase(cid, float(score), worst, r))
     out.sort(key=lambda c: (c.score, c.case_id))

@@ -40,10 +40,13 @@ def score_labels(
     load_estimator: Callable[[], object],
     names: dict[int, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    expected: set[int] | None = None,
 ) -> dict:
     """Score what changed; return ``{"scored": [...], "unchanged": n, "errors": {id/tag: msg}, "seconds": s}``.
 
     ``load_estimator()`` returns an object with ``predict(image, label, spacing, names) -> list[dict]``.
+    ``expected``: structure ids every label of the project should have; the ones a label lacks are
+    recorded as ``missing`` (the ranking counts them as Dice 0).
     """
     t0 = time.time()
     items = list(items)
@@ -71,7 +74,9 @@ def score_labels(
             label = load_label(it.label_path)
             check_same_grid(image, label)
             structures = estimator.predict(image.array, label.array, image.spacing, names or {})
-            record = {"case": it.image_id, "tag": it.tag, "structures": structures,
+            present = {int(s["id"]) for s in structures}
+            missing = [{"id": i, "name": (names or {}).get(i)} for i in sorted(set(expected or ()) - present)]
+            record = {"case": it.image_id, "tag": it.tag, "structures": structures, "missing": missing,
                       "estimator_version": estimator_version, "ts": time.time()}
             store.put_quality(it.image_id, it.tag, stamp, estimator_version, record=record)
             scored.append(key)

@@ -109,3 +109,11 @@ def test_leases_keep_annotators_apart_and_expire(tmp_path):
     assert s.acquire_lease("c1", "bob", ttl=60, now=71)  # expired
     s.release_lease("c1", "bob")
     assert s.leases(now=72) == {}
+
+
+def test_missing_expected_structures_count_as_zero():
+    r = {"case": "a", "structures": [{"id": 1, "name": "liver", "predicted_dice": 0.9, "voxels": 100}],
+         "missing": [{"id": 52, "name": "aorta"}]}
+    assert aggregate(r, "mean") == pytest.approx(0.45)
+    assert rank_cases([r])[0].worst[0]["name"] == "aorta"
+    assert expected_gains([r])["a"] == pytest.approx((0.1 + 1.0) / 2)

@@ -140,7 +140,9 @@ class SentinelApp(MONAILabelApp):
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         device = "cuda" if self.conf.get("estimator_device") == "cuda" else "cpu"
-        return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device)}
+        # The structures the project segments (the app's labels): a pseudo-label lacking one is incomplete.
+        expected = {int(v) for c in self.configs.values() for v in c.labels.values()}
+        return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected)}
 
     def next_sample(self, request):
         """As MONAI Label's, but when our strategies have nothing to serve the answer says why.

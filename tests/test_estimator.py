@@ -1,0 +1,144 @@
+"""The label-quality estimator: CLI contract, bad input, and that the shipped weights see bad labels."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from labelsentinel.io import VolumeError
+from labelsentinel.models import degradations as D
+from labelsentinel.models.estimator import DEFAULT_WEIGHTS, QualityEstimator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "labelsentinel.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def est():
+    return QualityEstimator.load()
+
+
+@pytest.fixture(scope="module")
+def case(sample_studies):
+    d = sample_studies
+    return {
+        "image": os.path.join(d, "case_001.nii.gz"),
+        "truth": os.path.join(d, "truth", "case_001.nii.gz"),
+        "original": os.path.join(d, "labels", "original", "case_001.nii.gz"),
+        "names": os.path.join(d, "label_names.json"),
+    }
+
+
+def test_cli_single_pair_json_contract(case):
+    r = cli("estimate", "--image", case["image"], "--label", case["original"], "--label-names", case["names"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["image"] == case["image"] and out["label"] == case["original"] and out["seconds"] > 0
+    ids = {s["id"] for s in out["structures"]}
+    truth_ids = set(np.unique(np.asarray(nib.load(case["original"]).dataobj)).astype(int)) - {0}
+    assert ids == truth_ids
+    for s in out["structures"]:
+        assert set(s) >= {"id", "name", "predicted_dice", "voxels", "flags"}
+        assert 0.0 <= s["predicted_dice"] <= 1.0 and s["voxels"] > 0 and isinstance(s["flags"], list)
+    names = json.load(open(case["names"]))
+    assert all(s["name"] == names[str(s["id"])] for s in out["structures"])
+
+
+def test_cli_pairs_csv_contract(case, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with open(pairs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "label_names"])
+        w.writerow([case["image"], case["original"], case["names"]])
+        w.writerow([case["image"], case["truth"], case["names"]])
+        w.writerow([case["image"], str(bad), ""])
+    out = tmp_path / "out.csv"
+    r = cli("estimate", "--pairs", str(pairs), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0])[:6] == ["image", "label", "label_id", "name", "predicted_dice", "voxels"]
+    good = [x for x in rows if not x["error"]]
+    assert len({x["label"] for x in good}) == 2 and all(0 <= float(x["predicted_dice"]) <= 1 for x in good)
+    errs = [x for x in rows if x["error"]]
+    assert len(errs) == 1 and "bad.nii.gz" in errs[0]["error"]
+    assert "[3/3]" in r.stderr  # progress
+
+
+def test_bad_inputs_are_clear_errors(case, tmp_path):
+    img = nib.load(case["image"])
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(wrong))
+    r = cli("estimate", "--image", case["image"], "--label", str(wrong))
+    assert r.returncode == 2 and "(96, 80, 48)" in r.stderr and "(10, 10, 10)" in r.stderr and "Traceback" not in r.stderr
+    shifted = tmp_path / "shifted.nii.gz"
+    aff = img.affine.copy()
+    aff[0, 3] += 7
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(case["truth"]).dataobj), aff), str(shifted))
+    r = cli("estimate", "--image", case["image"], "--label", str(shifted))
+    assert r.returncode == 2 and "origin" in r.stderr
+    r = cli("estimate", "--image", case["image"], "--label", str(shifted), "--resample")
+    assert r.returncode == 0, r.stderr
+    neg = tmp_path / "neg.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(img.shape, -2, np.int16), img.affine), str(neg))
+    r = cli("estimate", "--image", case["image"], "--label", str(neg))
+    assert r.returncode == 2 and ">= 0" in r.stderr
+    frac = tmp_path / "frac.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), str(frac))
+    assert "integers" in cli("estimate", "--image", case["image"], "--label", str(frac)).stderr
+    nan = tmp_path / "nan.nii.gz"
+    a = np.asarray(img.dataobj).astype(np.float32)
+    a[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(a, img.affine), str(nan))
+    r = cli("estimate", "--image", str(nan), "--label", case["truth"])
+    assert r.returncode == 2 and "NaN" in r.stderr
+    r = cli("estimate", "--image", case["image"], "--label", case["truth"], "--weights", str(tmp_path / "none.pt"))
+    assert r.returncode == 2 and "none.pt" in r.stderr and "not found" in r.stderr
+
+
+def test_empty_label_gives_zero_structures(est, case):
+    img = np.asarray(nib.load(case["image"]).dataobj)
+    assert est.predict(img, np.zeros(img.shape, np.int32), (3.2, 3.2, 5.0), {}) == []
+    with pytest.raises(VolumeError, match="different grids"):
+        est.predict(img, np.zeros((3, 3, 3), np.int32), (3.2, 3.2, 5.0), {})
+
+
+def test_unknown_name_falls_back_and_is_flagged(est, case):
+    img = np.asarray(nib.load(case["image"]).dataobj)
+    lab = np.asarray(nib.load(case["truth"]).dataobj).astype(np.int32)
+    res = {s["id"]: s for s in est.predict(img, lab, (3.2, 3.2, 5.0), {5: "liver"})}
+    assert "unknown_name" not in res[5]["flags"] and "unknown_name" in res[1]["flags"]
+    assert 0 <= res[1]["predicted_dice"] <= 1
+
+
+def test_shipped_weights_see_what_is_wrong(est, case):
+    """Truth scores high; truncated, missing-slice, shifted and swapped versions score lower."""
+    img = np.asarray(nib.load(case["image"]).dataobj)
+    lab = np.asarray(nib.load(case["truth"]).dataobj).astype(np.int32)
+    names = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 52: "aorta"}
+    sp = (3.2, 3.2, 5.0)
+    good = {s["id"]: s["predicted_dice"] for s in est.predict(img, lab, sp, names)}
+    assert np.mean([good[i] for i in (1, 2, 3, 5)]) > 0.85
+    rng = np.random.default_rng(0)
+    for kind, sid in (("truncate_z", 5), ("missing_slices", 1), ("shift", 3), ("swap", 2)):
+        d = D.degrade(lab, sid, kind, sp, rng, severity=0.9, names=names)
+        bad = {s["id"]: s["predicted_dice"] for s in est.predict(img, d.label, sp, names)}
+        assert bad[sid] < good[sid] - 0.15, (kind, d.true_dice, bad[sid], good[sid])
+
+
+def test_default_checkpoint_records_its_training():
+    import torch
+
+    ck = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    assert ck["estimator_version"] and ck["training"]["samples"] > 1000
+    assert "liver" in ck["training"]["structures"] and ck["training"]["val_cases"]
+    assert os.path.getsize(DEFAULT_WEIGHTS) < 2_000_000
