@@ -170,8 +170,12 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
-def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, progress=True) -> dict:
-    """Write the sample studies folder; returns a summary dict."""
+def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, progress=True, grades=None) -> dict:
+    """Write the sample studies folder; returns a summary dict.
+
+    ``grades``: the pseudo-label quality of each case (1 = very good, 0 = clearly wrong); default evenly
+    spread from 0.95 to 0.1 in a seeded order.
+    """
     from labelsentinel.models.degradations import degrade_case
 
     if cases < 1:
@@ -179,8 +183,11 @@ def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, pro
     t0 = time.time()
     os.makedirs(os.path.join(out, "truth"), exist_ok=True)
     rng0 = np.random.default_rng(seed)
-    grades = np.linspace(0.95, 0.1, cases)
-    rng0.shuffle(grades)
+    if grades is None:
+        grades = np.linspace(0.95, 0.1, cases)
+        rng0.shuffle(grades)
+    elif len(grades) != cases:
+        raise ValueError(f"{len(grades)} grades for {cases} cases")
     # The cases with approved labels are the first ones; their pseudo-labels exist too (real correction pairs).
     quality_rows, case_rows = [], []
     aff = _affine()
