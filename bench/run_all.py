@@ -10,6 +10,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Scripts run more than once, with these argument lists (others run once without arguments).
+RUNS = {"bench_strategies.py": [["--mix", "uniform"], ["--mix", "realistic"]]}
 
 
 def main(argv):
@@ -18,12 +20,14 @@ def main(argv):
         scripts = [s for s in scripts if os.path.basename(s)[6:-3] in argv]
     failed = []
     for s in scripts:
-        print(f"== {os.path.basename(s)}", flush=True)
-        t0 = time.time()
-        r = subprocess.run([sys.executable, s], cwd=os.path.dirname(HERE))
-        print(f"== {os.path.basename(s)}: exit {r.returncode} after {time.time() - t0:.0f} s", flush=True)
-        if r.returncode:
-            failed.append(s)
+        for extra in RUNS.get(os.path.basename(s), [[]]):
+            name = " ".join([os.path.basename(s), *extra])
+            print(f"== {name}", flush=True)
+            t0 = time.time()
+            r = subprocess.run([sys.executable, s, *extra], cwd=os.path.dirname(HERE))
+            print(f"== {name}: exit {r.returncode} after {time.time() - t0:.0f} s", flush=True)
+            if r.returncode:
+                failed.append(name)
     return 1 if failed else 0
 
 
