@@ -34,6 +34,24 @@ CREATE TABLE IF NOT EXISTS leases (
     client_id TEXT NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS corrections (
+    image_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    structure_id INTEGER NOT NULL,
+    name TEXT,
+    predicted REAL,
+    true_dice REAL NOT NULL,
+    estimator_version TEXT,
+    stamp TEXT NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (image_id, tag, structure_id)
+);
+CREATE TABLE IF NOT EXISTS signals (
+    image_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -129,6 +147,43 @@ class Store:
     def get_setting(self, key: str, default=None):
         row = self._conn().execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
+
+    # corrections: real (predicted, true) Dice pairs, known once a human saved a final label over a pseudo-label
+    def put_corrections(self, image_id: str, tag: str, stamp: str, rows: list[dict]) -> None:
+        """Replace the real pairs of one (image, pseudo-label tag) with ``rows`` (one per structure)."""
+        now = time.time()
+        with self._tx() as c:
+            c.execute("DELETE FROM corrections WHERE image_id=? AND tag=?", (image_id, tag))
+            c.executemany(
+                "INSERT INTO corrections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(image_id, tag, int(r["id"]), r.get("name"), r.get("predicted"), float(r["true_dice"]),
+                  r.get("estimator_version"), stamp, now) for r in rows],
+            )
+
+    def correction_stamp(self, image_id: str, tag: str) -> str | None:
+        row = self._conn().execute("SELECT stamp FROM corrections WHERE image_id=? AND tag=? LIMIT 1",
+                                   (image_id, tag)).fetchone()
+        return row[0] if row else None
+
+    def corrections(self, estimator_version: str | None = None) -> list[dict]:
+        q = "SELECT image_id, tag, structure_id, name, predicted, true_dice, estimator_version, ts FROM corrections"
+        args: tuple = ()
+        if estimator_version is not None:
+            q += " WHERE estimator_version=?"
+            args = (estimator_version,)
+        keys = ("image_id", "tag", "id", "name", "predicted", "true_dice", "estimator_version", "ts")
+        return [dict(zip(keys, r)) for r in self._conn().execute(q + " ORDER BY ts, image_id, structure_id", args)]
+
+    # training signals of final labels (label-error suspicion), written by the trainer ----------------------
+    def put_signals(self, run_id: str, records: dict[str, dict]) -> None:
+        now = time.time()
+        with self._tx() as c:
+            c.executemany("INSERT OR REPLACE INTO signals VALUES (?, ?, ?, ?)",
+                          [(k, run_id, json.dumps(v), now) for k, v in records.items()])
+
+    def signals(self) -> dict[str, dict]:
+        rows = self._conn().execute("SELECT image_id, run_id, record, ts FROM signals ORDER BY image_id")
+        return {r[0]: {**json.loads(r[2]), "run_id": r[1], "ts": r[3]} for r in rows}
 
     # leases: a case served to one annotator is not served to another until it expires -----------------
     def acquire_lease(self, case_id: str, client_id: str, ttl: float, now: float | None = None) -> bool:

@@ -1,4 +1,4 @@
-"""Thin MONAI Label adapters: the `quality` scoring method and the `quality` and `budget` strategies.
+"""Thin MONAI Label adapters: the `quality` scoring method and the `quality`, `budget` and `review` strategies.
 
 All decisions are made by the plain functions of :mod:`labelsentinel.strategies` over records kept in the
 :class:`labelsentinel.store.Store`; these classes only translate between them and MONAI Label's datastore
@@ -16,7 +16,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from labelsentinel.store import Store
+from labelsentinel.store import Store, file_stamp
+from labelsentinel.strategies.corrections import calibrate_records, collect_corrections, load_calibration, recalibrate
+from labelsentinel.strategies.label_errors import suspects
 from labelsentinel.strategies.budget import CostModel, plan_budget
 from labelsentinel.strategies.ranking import METHODS, rank_cases
 from labelsentinel.strategies.scoring import LabelItem, score_labels
@@ -24,6 +26,35 @@ from labelsentinel.strategies.scoring import LabelItem, score_labels
 logger = logging.getLogger(__name__)
 
 FINAL = "final"
+
+
+def correction_pairs(datastore: Datastore, image_ids=None) -> list[tuple[str, str, str, str]]:
+    """(image, pseudo tag, pseudo-label path, final label path) of every case with a final and a pseudo-label."""
+    out = []
+    for image_id in image_ids if image_ids is not None else datastore.list_images():
+        labels = datastore.get_labels_by_image_id(image_id)
+        if FINAL not in labels:
+            continue
+        final = datastore.get_label_uri(labels[FINAL], FINAL)
+        for tag, label_id in labels.items():
+            if tag not in (FINAL, "refurbished"):
+                out.append((image_id, tag, datastore.get_label_uri(label_id, tag), final))
+    return out
+
+
+def record_corrections(store: Store, datastore: Datastore, version: str, prior_mae: float, names=None,
+                       image_ids=None) -> dict:
+    """Store the real pairs of corrected pseudo-labels and refit the calibration when any are new."""
+    res = collect_corrections(correction_pairs(datastore, image_ids), store, names)
+    if res["recorded"] or store.get_setting(f"calibration:{version}") is None:
+        cal = recalibrate(store, version, prior_mae)
+        res["calibration"] = {k: cal[k] for k in ("n", "cases", "mae_before", "mae_after")}
+    return res
+
+
+def calibrated_records(store: Store, tag: str, prior_mae: float = 0.1) -> list[dict]:
+    recs = [r["record"] for r in store.quality(tag) if r["record"]]
+    return calibrate_records(recs, lambda v: load_calibration(store, v, prior_mae) if v else None)
 
 
 def label_items(datastore: Datastore, tags=None) -> list[LabelItem]:
@@ -45,9 +76,10 @@ class QualityScoring(ScoringMethod):
     """Predicted Dice of every structure of every pseudo-label; skips what did not change."""
 
     def __init__(self, store: Callable[[], Store], names: dict, weights: str | None = None, device: str = "cpu",
-                 expected: set[int] | None = None):
+                 expected: set[int] | None = None, prior_mae: float = 0.1):
         super().__init__("Label quality: predicted Dice of every structure of every pseudo-label (no ground truth)")
         self._store = store
+        self.prior_mae = prior_mae
         self.expected = set(expected or ())
         self.names = names
         self.weights = weights
@@ -68,6 +100,8 @@ class QualityScoring(ScoringMethod):
         )
         logger.info(f"quality scoring: {len(result['scored'])} scored, {result['unchanged']} unchanged, "
                     f"{len(result['errors'])} errors in {result['seconds']} s")
+        # Human corrections of scored pseudo-labels: real (predicted, true) pairs -> recalibration.
+        result["corrections"] = record_corrections(self._store(), datastore, version, self.prior_mae, self.names)
         return result
 
 
@@ -87,11 +121,13 @@ class QualityStrategy(Strategy):
     """Serves the unlabeled case whose pseudo-label most needs a human; never the same case to two
     annotators while it is out; never a case whose predicted quality is already good enough."""
 
-    def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
+    def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0,
+                 prior_mae: float = 0.1):
         super().__init__("Quality: the case whose pseudo-label most needs a human (predicted Dice, lowest first)")
         self._store = store
         self.threshold = threshold
         self.lease_minutes = lease_minutes
+        self.prior_mae = prior_mae
 
     def info(self):
         return {
@@ -108,7 +144,7 @@ class QualityStrategy(Strategy):
         store = self._store()
         tag = str(_param(request, "label_tag", "original"))
         unlabeled = set(datastore.get_unlabeled_images())
-        records = [r["record"] for r in store.quality(tag) if r["record"] and r["image_id"] in unlabeled]
+        records = [r for r in calibrated_records(store, tag, self.prior_mae) if r["case"] in unlabeled]
         threshold = float(_param(request, "good_enough", self.threshold))
         ranked = rank_cases(records, str(_param(request, "aggregate", "min")), _structures(request), threshold)
         scored = {r["case"] for r in records}
@@ -154,7 +190,7 @@ class BudgetStrategy(Strategy):
     def make_plan(store: Store, datastore: Datastore, budget_cases=None, budget_minutes=None, cost_model=None,
                   threshold=None, tag="original") -> dict:
         unlabeled = set(datastore.get_unlabeled_images())
-        records = [r["record"] for r in store.quality(tag) if r["record"] and r["image_id"] in unlabeled]
+        records = [r for r in calibrated_records(store, tag) if r["case"] in unlabeled]
         plan = plan_budget(records, budget_cases=budget_cases, budget_minutes=budget_minutes,
                            cost_model=CostModel.from_dict(cost_model), threshold=threshold)
         d = plan.to_dict()
@@ -214,3 +250,46 @@ class BudgetStrategy(Strategy):
         st["reason"] = (f"budget spent: {st['used_cases']} of {len(plan['cases'])} planned case(s) used"
                         + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
         return st
+
+
+class ReviewStrategy(Strategy):
+    """Serves the final label most suspected of being wrong by the last training run's signals (variance of
+    gradients by default, or loss); a final label saved again after that run counts as reviewed."""
+
+    def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0, min_score: float = 2.0):
+        super().__init__("Review: the final labels the last training flags as most likely wrong (VoG or loss)")
+        self._store = store
+        self.lease_minutes = lease_minutes
+        self.min_score = min_score
+
+    def info(self):
+        return {"description": self.description, "config": {"signal": ["vog", "loss"], "min_score": self.min_score}}
+
+    def __call__(self, request, datastore: Datastore):
+        store = self._store()
+        client = str(request.get("client_id") or "anonymous")
+        by = str(_param(request, "signal", "vog"))
+        signals = store.signals()
+        if not signals:
+            return {"reason": "no label-error signals yet: they are written by a training run on final labels"}
+        reviewed = set()
+        for cid, rec in signals.items():
+            labels = datastore.get_labels_by_image_id(cid) if cid in set(datastore.list_images()) else {}
+            if FINAL not in labels:
+                reviewed.add(cid)
+                continue
+            try:
+                if file_stamp(datastore.get_label_uri(labels[FINAL], FINAL)) != rec.get("label_stamp"):
+                    reviewed.add(cid)
+            except OSError:
+                reviewed.add(cid)
+        busy = store.leased_by_others(client)
+        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
+        ranked = suspects(signals, by, float(_param(request, "min_score", self.min_score)), exclude=reviewed | busy)
+        for cid, score in ranked:
+            if store.acquire_lease(cid, client, ttl):
+                worst = sorted(signals[cid]["structures"], key=lambda s: -s[f"{by}_z"])[:3]
+                return {"id": cid, "signal": by, "suspect_score": round(score, 3), "client_id": client,
+                        "suspect_structures": [{"id": s["id"], "name": s["name"], "z": s[f"{by}_z"]} for s in worst]}
+        return {"reason": f"nothing to review: no unreviewed final label has a {by} score >= "
+                          f"{float(_param(request, 'min_score', self.min_score))} ({len(reviewed)} reviewed since the signals)"}

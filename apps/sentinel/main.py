@@ -27,7 +27,13 @@ from lib.datastore import SentinelDatastore
 from labelsentinel import __version__
 from labelsentinel.io import load_label_names
 from labelsentinel.store import Store, store_path
-from labelsentinel.strategies.monailabel_adapters import BudgetStrategy, QualityScoring, QualityStrategy
+from labelsentinel.strategies.monailabel_adapters import (
+    BudgetStrategy,
+    QualityScoring,
+    QualityStrategy,
+    ReviewStrategy,
+    record_corrections,
+)
 from labelsentinel.strategies.ranking import good_enough_threshold
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class SentinelApp(MONAILabelApp):
             c.init(n, self.model_dir, conf, None)
             self.configs[n] = c
         self.estimator_weights = conf.get("estimator_weights") or None
+        self.estimator_mae = self._estimator_mae()
         self.threshold = self._good_enough(conf)
         self._store = None
         super().__init__(
@@ -91,24 +98,33 @@ class SentinelApp(MONAILabelApp):
         for k, v in self.configs.items():
             t = v.trainer()
             if t:
+                if hasattr(t, "configure_sentinel"):
+                    t.configure_sentinel(self.store, self.structure_names(), self.expected_structures(),
+                                         self.prior_mae, infer=v.infer())
                 out[k] = t
         return out
 
-    def _good_enough(self, conf) -> float:
-        """``--conf good_enough X``, else derived from the estimator's validation MAE (see ranking.py)."""
-        if conf.get("good_enough"):
-            return float(conf["good_enough"])
+    def _estimator_mae(self) -> float | None:
+        """The estimator's validation MAE (from its checkpoint): the prior error before real corrections."""
         try:
             import torch
 
             from labelsentinel.models.estimator import DEFAULT_WEIGHTS
 
             ck = torch.load(self.estimator_weights or DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
-            mae = float(ck["validation"]["estimator"]["mae"])
-        except Exception as e:  # no weights yet: a conservative default
-            logger.warning(f"estimator MAE unknown ({e}); good-enough threshold 0.9")
+            return float(ck["validation"]["estimator"]["mae"])
+        except Exception as e:  # no weights yet
+            logger.warning(f"estimator MAE unknown ({e})")
+            return None
+
+    def _good_enough(self, conf) -> float:
+        """``--conf good_enough X``, else derived from the estimator's validation MAE (see ranking.py)."""
+        if conf.get("good_enough"):
+            return float(conf["good_enough"])
+        if self.estimator_mae is None:
+            logger.warning("good-enough threshold 0.9 (estimator MAE unknown)")
             return 0.9
-        return good_enough_threshold(mae)
+        return good_enough_threshold(self.estimator_mae)
 
     def store(self) -> Store:
         """Label Sentinel's record store (scores, leases, budget): next to local studies, else in model_dir."""
@@ -132,8 +148,9 @@ class SentinelApp(MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {
-            "quality": QualityStrategy(self.store, self.threshold),
+            "quality": QualityStrategy(self.store, self.threshold, prior_mae=self.prior_mae),
             "budget": BudgetStrategy(self.store, self.threshold),
+            "review": ReviewStrategy(self.store),
             "random": Random(),
             "first": First(),
         }
@@ -142,7 +159,33 @@ class SentinelApp(MONAILabelApp):
         device = "cuda" if self.conf.get("estimator_device") == "cuda" else "cpu"
         # The structures the project segments (the app's labels): a pseudo-label lacking one is incomplete.
         expected = {int(v) for c in self.configs.values() for v in c.labels.values()}
-        return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected)}
+        return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected,
+                                          prior_mae=self.prior_mae)}
+
+    @property
+    def prior_mae(self) -> float:
+        return self.estimator_mae if self.estimator_mae is not None else 0.1
+
+    def expected_structures(self) -> set[int]:
+        return {int(v) for c in self.configs.values() for v in c.labels.values()}
+
+    def on_save_label(self, image_id, label_id):
+        """A final label saved over a pseudo-label: its real (predicted, true) Dice pairs recalibrate the
+        estimator at once, and the annotator's lease on the case ends."""
+        res = super().on_save_label(image_id, label_id) or {}
+        try:
+            from labelsentinel.models.estimator import weights_version
+
+            labels = self.datastore().get_labels_by_image_id(image_id)
+            if labels.get("final") == label_id:
+                self.store().release_lease(image_id)
+                res["corrections"] = record_corrections(self.store(), self.datastore(),
+                                                        weights_version(self.estimator_weights), self.prior_mae,
+                                                        self.structure_names(), image_ids=[image_id])
+        except Exception as e:  # the label is saved; a failed bookkeeping step must not fail the save
+            logger.error(f"recording the correction of {image_id} failed: {e}")
+            res["corrections_error"] = str(e)
+        return res
 
     def next_sample(self, request):
         """As MONAI Label's, but when our strategies have nothing to serve the answer says why.
@@ -151,7 +194,7 @@ class SentinelApp(MONAILabelApp):
         answer carries an empty id (clients read an empty id as "nothing to label") and a ``reason``.
         """
         task = self._strategies.get(request.get("strategy") or "random")
-        if not isinstance(task, (QualityStrategy, BudgetStrategy)):
+        if not isinstance(task, (QualityStrategy, BudgetStrategy, ReviewStrategy)):
             return super().next_sample(request)
         res = task(request, self.datastore()) or {}
         if not res.get("id"):

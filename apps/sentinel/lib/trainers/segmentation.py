@@ -1,4 +1,12 @@
-"""Multi-structure segmentation training task (trains on `final` labels)."""
+"""Multi-structure segmentation training task.
+
+Trains on ``final`` labels plus the pseudo-labels the quality estimator trusts (see
+``labelsentinel.strategies.pseudolabels`` for the rules and defaults), records which pseudo-labels each run
+used and why, gathers per-sample training signals of the final labels (variance of gradients and loss, see
+``labelsentinel.strategies.label_errors``) and, when ``refurbish`` is on, trains on the model's prediction
+instead of a final label flagged by the previous run (saved under the ``refurbished`` tag; the human label is
+never touched). CUDA with mixed precision when a GPU is present, CPU otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,8 @@ import os
 import time
 
 import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.transforms import (
@@ -29,6 +39,9 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib.infers.segmentation import HU_WINDOW, header_shape
 from lib.transforms import LabelIdsToChannelsd
 from labelsentinel.io import VolumeError
+from labelsentinel.strategies.corrections import load_calibration
+from labelsentinel.strategies.label_errors import LabelErrorSignals, suspects
+from labelsentinel.strategies.pseudolabels import DEFAULTS as PSEUDO, RULES, select_pseudo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +63,122 @@ def check_pairs(datalist: list[dict]) -> tuple[list[dict], list[dict]]:
     return good, refused
 
 
+def _opt(request: dict, key: str, default):
+    """A request option as the type of its default (OHIF/Slicer send strings; a list means its first item)."""
+    v = request.get(key, default)
+    if isinstance(v, list):
+        v = v[0] if v else default
+    if v in (None, ""):
+        return default
+    if isinstance(default, bool):
+        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(v) if default is not None else v
+
+
+class WeightedDiceCELoss(DiceCELoss):
+    """DiceCE scaled by the batch's sample weight (exact with batch size 1, the default; the batch mean
+    otherwise). ``weight`` is set by the trainer's iteration just before the loss is computed."""
+
+    weight = 1.0
+
+    def forward(self, input, target):
+        return super().forward(input, target) * self.weight
+
+
+def _case_id(datastore, image_path: str) -> str:
+    for i in datastore.list_images():
+        if datastore.get_image_uri(i) == image_path:
+            return i
+    return os.path.basename(image_path).split(".")[0]
+
+
+class _SignalHandler:
+    """At ``signal_checkpoints`` evenly spaced epochs, computes every final label's checkpoint maps; at the
+    end of training writes the label-error signals to the record store."""
+
+    def __init__(self, task: "Segmentation", context: Context):
+        self.task, self.context = task, context
+        n = max(2, int(_opt(context.request, "signal_checkpoints", 4)))
+        e = int(context.max_epochs)
+        self.epochs = sorted({max(1, round(e * (k + 1) / n)) for k in range(n)})
+        self.signals = LabelErrorSignals(ids=task.ids)
+        self.data = None
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _load(self):
+        from monai.transforms import Compose
+
+        t = Compose(self.task._load(("image", "label")))
+        self.data = []
+        for d in self.context.datalist:
+            if d.get("source") != "final":
+                continue
+            try:
+                x = t({"image": d["image"], "label": d["label"]})
+                lab = x["label"][0]  # class indices 0..N (LabelIdsToChannelsd)
+                img = x["image"].as_tensor() if hasattr(x["image"], "as_tensor") else x["image"]
+                lab = lab.as_tensor() if hasattr(lab, "as_tensor") else lab
+                self.data.append((d["case"], img.float(), lab.long(), d["label"]))
+            except Exception as e:
+                logger.error(f"label-error signals skip {d['case']}: {e}")
+
+    def epoch_completed(self, engine):
+        if engine.state.epoch not in self.epochs:
+            return
+        from labelsentinel.models.training_signals import checkpoint_maps
+
+        if self.data is None:
+            self._load()
+        t0 = time.time()
+        for case, img, lab, _ in self.data:
+            g, ce, pred = checkpoint_maps(engine.network, img, lab)
+            self.signals.update(case, g, ce, pred, lab.numpy())
+        logger.info(f"label-error signals: checkpoint {self.signals.checkpoints} (epoch {engine.state.epoch}) over "
+                    f"{len(self.data)} final labels in {time.time() - t0:.1f} s")
+
+    def completed(self, engine):
+        if not self.data or self.signals.checkpoints < 2:
+            logger.info("label-error signals: fewer than 2 checkpoints, nothing written")
+            return
+        from labelsentinel.store import file_stamp
+
+        scores = self.signals.scores(self.task.sentinel["names"])
+        for case, _, _, label_path in self.data:
+            scores[case]["label_stamp"] = file_stamp(label_path)
+            scores[case]["label"] = label_path
+        self.task.sentinel["store"]().put_signals(str(self.context.run_id), scores)
+        logger.info(f"label-error signals written for {len(scores)} final labels ({self.signals.checkpoints} checkpoints)")
+
+
 class Segmentation(BasicTrainTask):
     def __init__(self, model_dir, network, labels: dict[str, int], spacing, roi_size, description="", **kwargs):
         self._network = network
         self.ids = list(labels.values())
         self.spacing = spacing
         self.roi_size = roi_size
+        self.sentinel = None  # set by the app: store, names, calibration prior, infer task
         super().__init__(model_dir, description, labels=labels, amp=torch.cuda.is_available(), **kwargs)
-        self._config.update({"max_epochs": 20, "val_split": 0.2, "lr": 2e-3})
+        self._config.update({
+            "max_epochs": 20, "val_split": 0.2, "lr": 2e-3,
+            # pseudo-labels (labelsentinel.strategies.pseudolabels)
+            "pseudo_labels": list(RULES),
+            "pseudo_threshold": PSEUDO["threshold"],
+            "pseudo_topk": PSEUDO["k"],
+            "pseudo_alpha": PSEUDO["alpha"],
+            "pseudo_weighting": False,
+            # label-error signals of final labels, and refurbishment of flagged ones for the next round
+            "label_errors": True,
+            "signal_checkpoints": 4,
+            "refurbish": False,
+            "refurbish_signal": ["vog", "loss"],
+            "suspect_threshold": 3.0,
+        })
+
+    def configure_sentinel(self, store, names: dict, expected: set, prior_mae: float, infer=None):
+        self.sentinel = {"store": store, "names": names, "expected": expected, "prior_mae": prior_mae, "infer": infer}
 
     def network(self, context: Context):
         return self._network
@@ -66,8 +187,18 @@ class Segmentation(BasicTrainTask):
         return torch.optim.AdamW(context.network.parameters(), lr=float(context.request.get("lr", 2e-3)), weight_decay=1e-5)
 
     def loss_function(self, context: Context):
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        self._loss = WeightedDiceCELoss(to_onehot_y=True, softmax=True)
+        return self._loss
 
+    def train_iteration_update(self, context: Context):
+        def iteration(engine, batch):
+            w = batch.get("weight") if isinstance(batch, dict) else None
+            self._loss.weight = float(torch.as_tensor(w, dtype=torch.float32).mean()) if w is not None else 1.0
+            return SupervisedTrainer._iteration(engine, engine, batch)
+
+        return iteration
+
+    # ---- data ------------------------------------------------------------------------------------------
     def pre_process(self, request, datastore):
         good, refused = check_pairs(datastore.datalist())
         report = os.path.join(self._model_dir, "train_refused.json")
@@ -79,7 +210,93 @@ class Segmentation(BasicTrainTask):
             if refused:
                 msg += f"; refused: {'; '.join(r['error'] for r in refused)}"
             raise ValueError(msg)
+        for d in good:
+            d.update(weight=1.0, source="final", case=_case_id(datastore, d["image"]))
+        run = {"run_id": request.get("run_id"), "ts": time.time(), "finals": len(good), "pseudo_labels": [],
+               "refurbished": [], "options": {k: _opt(request, k, v) for k, v in self._config.items()
+                                              if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))}}
+        if self.sentinel:
+            if _opt(request, "refurbish", False):
+                run["refurbished"] = self._refurbish(request, datastore, good)
+            pseudo = self._pseudo_labels(request, datastore)
+            run["pseudo_labels"] = pseudo
+            for p in pseudo:
+                good.append({"image": p["image"], "label": p["label"], "weight": p["weight"], "source": "pseudo",
+                             "case": p["case"]})
+            store = self.sentinel["store"]()
+            runs = store.get_setting("training_runs", [])
+            store.set_setting("training_runs", (runs + [run])[-50:])
+        with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
+            json.dump(run, f, indent=1)
+        logger.info(f"training data: {run['finals']} final labels, {len(run['pseudo_labels'])} pseudo-labels, "
+                    f"{len(run['refurbished'])} refurbished")
+        self._run = run
         return good
+
+    def _pseudo_labels(self, request, datastore) -> list[dict]:
+        rule = _opt(request, "pseudo_labels", PSEUDO["rule"])
+        if rule == "none":
+            return []
+        store = self.sentinel["store"]()
+        labeled = set(datastore.get_labeled_images())
+        records = [r["record"] for r in store.quality("original") if r["record"] and r["image_id"] not in labeled]
+        versions = {r.get("estimator_version") for r in records}
+        cal = load_calibration(store, versions.pop(), self.sentinel["prior_mae"]) if len(versions) == 1 else None
+        chosen = select_pseudo_labels(
+            records, rule=rule, threshold=_opt(request, "pseudo_threshold", PSEUDO["threshold"]),
+            k=_opt(request, "pseudo_topk", PSEUDO["k"]), alpha=_opt(request, "pseudo_alpha", PSEUDO["alpha"]),
+            calibration=cal, expected=self.sentinel["expected"],
+            weighting=_opt(request, "pseudo_weighting", False))
+        out = []
+        for c in chosen:
+            labels = datastore.get_labels_by_image_id(c["case"])
+            if c["tag"] not in labels:
+                continue
+            out.append({**c, "image": datastore.get_image_uri(c["case"]),
+                        "label": datastore.get_label_uri(labels[c["tag"]], c["tag"])})
+        good, refused = check_pairs(out)
+        return good
+
+    def _refurbish(self, request, datastore, finals: list[dict]) -> list[dict]:
+        """Swap flagged final labels (previous run's signals) for the current model's prediction."""
+        store = self.sentinel["store"]()
+        signals = store.signals()
+        by = _opt(request, "refurbish_signal", "vog")
+        flagged = dict(suspects(signals, by, _opt(request, "suspect_threshold", 3.0)))
+        infer = self.sentinel.get("infer")
+        done = []
+        for d in finals:
+            cid = d["case"]
+            if cid not in flagged or infer is None:
+                continue
+            try:
+                path, _ = infer({"image": d["image"], "device": "cuda" if torch.cuda.is_available() else "cpu"})
+                tag = "refurbished"
+                label_id = datastore.save_label(cid, path, tag, {"source": "refurbishment", "signal": by,
+                                                                 "score": flagged[cid]})
+                new = datastore.get_label_uri(label_id, tag)
+                done.append({"case": cid, "final": d["label"], "refurbished": new, by: flagged[cid]})
+                d.update(label=new, source="refurbished")
+            except Exception as e:  # a failed refurbishment keeps the human label
+                logger.error(f"refurbishment of {cid} failed, training on its final label: {e}")
+        return done
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        """Validation only ever on human (final) labels; pseudo-labels and refurbished labels train only."""
+        data = context.datalist
+        finals = [d for d in data if d.get("source") == "final"]
+        extra = [d for d in data if d.get("source") != "final"]
+        context.datalist = finals
+        train, val = super().partition_datalist(context, shuffle)
+        context.datalist = data
+        return list(train) + extra, val
+
+    # ---- label-error signals ---------------------------------------------------------------------------
+    def train_handlers(self, context: Context):
+        handlers = super().train_handlers(context)
+        if self.sentinel and _opt(context.request, "label_errors", True):
+            handlers.append(_SignalHandler(self, context))
+        return handlers
 
     def _load(self, keys):
         return [

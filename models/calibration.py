@@ -1,0 +1,128 @@
+"""Recalibration of the quality estimator from real (predicted Dice, true Dice) pairs.
+
+Every time an annotator saves a ``final`` label over a case that had an ``original`` (pseudo) label, the
+true Dice of every structure of that original label becomes known. Those real pairs are what the synthetic
+training data cannot give: the error profile of *this* project's pseudo-label source. Two things are fitted:
+
+- a **monotone map** (isotonic regression by pool-adjacent-violators, blended with the identity while there
+  are few pairs) from the raw prediction to the expected true Dice. Monotone, so the ranking of the labels of
+  one structure never changes, only the values do;
+- **conformal residual quantiles** (split-conformal on the absolute residuals of the calibrated
+  prediction): with ``n`` pairs, ``P(true >= calibrated - q_alpha) >= 1 - alpha`` for a new label from the
+  same source. ``lower_bound`` is what the pseudo-label selection trusts.
+
+A calibration is a small dict (JSON), kept in the record store next to the estimator version it belongs to.
+No MONAI Label import; numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MIN_PAIRS = 3  # below this the map is the identity and the bound is the estimator's validation error
+PRIOR_PAIRS = 10.0  # the map is blended with the identity with weight PRIOR_PAIRS / (PRIOR_PAIRS + n)
+
+
+def isotonic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing least-squares fit of y on x (pool adjacent violators). Returns knots (xs, ys)."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    w = np.ones_like(y) if w is None else np.asarray(w, float)
+    order = np.argsort(x, kind="mergesort")
+    x, y, w = x[order], y[order], w[order]
+    # blocks: [sum_wy, sum_w, x_lo, x_hi]
+    vals, wts, lo, hi = [], [], [], []
+    for xi, yi, wi in zip(x, y, w):
+        vals.append(yi * wi)
+        wts.append(wi)
+        lo.append(xi)
+        hi.append(xi)
+        while len(vals) > 1 and vals[-2] / wts[-2] > vals[-1] / wts[-1]:
+            v, ww, h = vals.pop(), wts.pop(), hi.pop()
+            lo.pop()
+            vals[-1] += v
+            wts[-1] += ww
+            hi[-1] = h
+    xs, ys = [], []
+    for v, ww, a, b in zip(vals, wts, lo, hi):
+        m = v / ww
+        xs.extend([a, b] if b > a else [a])
+        ys.extend([m, m] if b > a else [m])
+    return np.asarray(xs), np.asarray(ys)
+
+
+@dataclass
+class Calibration:
+    """Monotone map + conformal residual quantiles; ``identity(mae)`` when there are no real pairs yet."""
+
+    xs: list = field(default_factory=list)
+    ys: list = field(default_factory=list)
+    n: int = 0
+    prior_mae: float = 0.1  # the estimator's validation MAE: the bound used before real pairs exist
+    residuals: list = field(default_factory=list)  # sorted |true - calibrated| of the fitting pairs
+    mae_before: float | None = None  # on the fitting pairs, raw predictions (in-sample)
+    mae_after: float | None = None  # on the fitting pairs, leave-one-out calibrated predictions
+
+    @classmethod
+    def identity(cls, prior_mae: float = 0.1) -> "Calibration":
+        return cls(prior_mae=float(prior_mae))
+
+    @classmethod
+    def fit(cls, predicted, true, prior_mae: float = 0.1) -> "Calibration":
+        p = np.clip(np.asarray(predicted, float), 0, 1)
+        t = np.clip(np.asarray(true, float), 0, 1)
+        if len(p) != len(t):
+            raise ValueError(f"{len(p)} predictions but {len(t)} true values")
+        n = len(p)
+        if n < MIN_PAIRS:
+            c = cls.identity(prior_mae)
+            c.n = n
+            return c
+        xs, ys = isotonic_fit(p, t)
+        c = cls(xs=xs.tolist(), ys=ys.tolist(), n=n, prior_mae=float(prior_mae))
+        # Conformal residuals from leave-one-out fits (honest: a pair never calibrates itself).
+        loo = np.empty(n)
+        for i in range(n):
+            m = np.ones(n, bool)
+            m[i] = False
+            xi, yi = isotonic_fit(p[m], t[m])
+            loo[i] = cls(xs=xi.tolist(), ys=yi.tolist(), n=n - 1, prior_mae=prior_mae).apply(p[i])
+        c.residuals = sorted(np.abs(t - loo).tolist())
+        c.mae_before = float(np.mean(np.abs(t - p)))
+        c.mae_after = float(np.mean(np.abs(t - loo)))
+        return c
+
+    def apply(self, predicted):
+        """Calibrated predicted Dice (same shape as ``predicted``)."""
+        p = np.clip(np.asarray(predicted, float), 0, 1)
+        if self.n < MIN_PAIRS or not self.xs:
+            return p if p.ndim else float(p)
+        mapped = np.interp(p, np.asarray(self.xs), np.asarray(self.ys))
+        a = PRIOR_PAIRS / (PRIOR_PAIRS + self.n)
+        out = np.clip(a * p + (1 - a) * mapped, 0, 1)
+        return out if out.ndim else float(out)
+
+    def quantile(self, alpha: float = 0.1) -> float:
+        """Half-width q with P(|true - calibrated| <= q) >= 1 - alpha (split conformal)."""
+        r = self.residuals
+        if len(r) < MIN_PAIRS:
+            return 2.0 * self.prior_mae  # no real pairs: about the 90% point of a half-normal with that MAE
+        k = math.ceil((len(r) + 1) * (1 - alpha))
+        return float(r[-1]) if k > len(r) else float(r[k - 1])
+
+    def lower_bound(self, predicted, alpha: float = 0.1):
+        b = np.clip(np.asarray(self.apply(predicted)) - self.quantile(alpha), 0, 1)
+        return b if b.ndim else float(b)
+
+    def to_dict(self) -> dict:
+        return {"xs": self.xs, "ys": self.ys, "n": self.n, "prior_mae": self.prior_mae, "residuals": self.residuals,
+                "mae_before": self.mae_before, "mae_after": self.mae_after}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, prior_mae: float = 0.1) -> "Calibration":
+        if not d:
+            return cls.identity(prior_mae)
+        return cls(**{k: d[k] for k in ("xs", "ys", "n", "prior_mae", "residuals", "mae_before", "mae_after") if k in d})

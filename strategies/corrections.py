@@ -1,0 +1,122 @@
+"""Real (predicted, true) Dice pairs from human corrections, and the recalibration they feed.
+
+When an annotator saves a ``final`` label for a case that has a pseudo-label (``original`` tag, or a stored
+model prediction), the true Dice of every structure of that pseudo-label is known: it is its overlap with the
+final label. ``record_correction`` stores these pairs (with the Dice the estimator had predicted for that
+label) in the record store; ``recalibrate`` fits the estimator's calibration (monotone map + conformal
+quantiles, :mod:`labelsentinel.models.calibration`) from every pair of the current estimator version and keeps
+it in the store under ``calibration:<version>``; ``calibrate_records`` applies it to quality records at read
+time (the raw prediction stays in the record). No MONAI Label import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from labelsentinel.io import VolumeError, check_same_grid, load_label
+from labelsentinel.models.calibration import Calibration
+from labelsentinel.store import Store, file_stamp
+
+logger = logging.getLogger(__name__)
+
+
+def true_dice_per_structure(pseudo: np.ndarray, final: np.ndarray) -> dict[int, float]:
+    """Dice of every structure present in either label (absent from both is not a structure here)."""
+    ids = sorted((set(np.unique(pseudo).tolist()) | set(np.unique(final).tolist())) - {0})
+    out = {}
+    for i in ids:
+        a, b = pseudo == i, final == i
+        s = int(a.sum()) + int(b.sum())
+        out[int(i)] = 2.0 * int(np.logical_and(a, b).sum()) / s if s else 1.0
+    return out
+
+
+def record_correction(store: Store, image_id: str, tag: str, pseudo_path: str, final_path: str,
+                      names: dict[int, str] | None = None, force: bool = False) -> dict | None:
+    """Store the real pairs of one corrected pseudo-label; skip when both files are unchanged since last time.
+
+    Returns ``{"image_id", "tag", "structures": [...], "skipped": bool}`` or raises VolumeError.
+    """
+    stamp = f"{file_stamp(pseudo_path)}|{file_stamp(final_path)}"
+    if not force and store.correction_stamp(image_id, tag) == stamp:
+        return {"image_id": image_id, "tag": tag, "skipped": True}
+    pseudo, final = load_label(pseudo_path), load_label(final_path)
+    check_same_grid(pseudo, final)
+    true = true_dice_per_structure(pseudo.array, final.array)
+    q = store.get_quality(image_id, tag)
+    rec = (q or {}).get("record") or {}
+    predicted = {int(s["id"]): float(s["predicted_dice"]) for s in rec.get("structures", [])}
+    version = rec.get("estimator_version")
+    names = names or {}
+    rows = []
+    for sid, t in true.items():
+        rows.append({"id": sid, "name": names.get(sid), "predicted": predicted.get(sid), "true_dice": t,
+                     # a structure the pseudo-label lacks was never predicted: it has no pair for calibration
+                     "estimator_version": version if sid in predicted else None})
+    store.put_corrections(image_id, tag, stamp, rows)
+    n_pairs = sum(r["predicted"] is not None for r in rows)
+    logger.info(f"correction of {image_id}/{tag}: {len(rows)} structures, {n_pairs} real (predicted, true) pairs")
+    return {"image_id": image_id, "tag": tag, "structures": rows, "skipped": False}
+
+
+def calibration_key(version: str) -> str:
+    return f"calibration:{version}"
+
+
+def recalibrate(store: Store, version: str, prior_mae: float) -> dict:
+    """Fit the calibration of estimator ``version`` from all its real pairs and keep it in the store."""
+    pairs = [r for r in store.corrections(version) if r["predicted"] is not None]
+    p = np.array([r["predicted"] for r in pairs], float)
+    t = np.array([r["true_dice"] for r in pairs], float)
+    cal = Calibration.fit(p, t, prior_mae=prior_mae)
+    d = cal.to_dict()
+    d.update(version=version, ts=time.time(), cases=len({(r["image_id"], r["tag"]) for r in pairs}))
+    store.set_setting(calibration_key(version), d)
+    return d
+
+
+def load_calibration(store: Store, version: str, prior_mae: float = 0.1) -> Calibration:
+    return Calibration.from_dict(store.get_setting(calibration_key(version)), prior_mae)
+
+
+def calibrate_records(records: list[dict], cal_for_version) -> list[dict]:
+    """Copies of quality records whose ``predicted_dice`` is calibrated (raw kept as ``raw_predicted_dice``).
+
+    ``cal_for_version(version) -> Calibration``; records of a version without real pairs stay as they are.
+    """
+    out = []
+    cache: dict = {}
+    for rec in records:
+        v = rec.get("estimator_version")
+        if v not in cache:
+            cache[v] = cal_for_version(v)
+        cal = cache[v]
+        if cal is None or cal.n < 3:
+            out.append(rec)
+            continue
+        structs = []
+        for s in rec.get("structures", []):
+            s = dict(s)
+            s["raw_predicted_dice"] = s["predicted_dice"]
+            s["predicted_dice"] = round(float(cal.apply(s["predicted_dice"])), 4)
+            s["lower_bound"] = round(float(cal.lower_bound(s["raw_predicted_dice"])), 4)
+            structs.append(s)
+        out.append({**rec, "structures": structs, "calibrated": True})
+    return out
+
+
+def collect_corrections(pairs, store: Store, names=None) -> dict:
+    """``pairs``: iterable of (image_id, tag, pseudo_path, final_path). Returns counts and errors."""
+    done, skipped, errors = 0, 0, {}
+    for image_id, tag, pseudo, final in pairs:
+        try:
+            r = record_correction(store, image_id, tag, pseudo, final, names)
+            skipped += bool(r and r.get("skipped"))
+            done += bool(r and not r.get("skipped"))
+        except (VolumeError, OSError) as e:
+            errors[f"{image_id}/{tag}"] = str(e)
+            logger.error(f"correction of {image_id}/{tag} not recorded: {e}")
+    return {"recorded": done, "unchanged": skipped, "errors": errors}

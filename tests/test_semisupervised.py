@@ -1,0 +1,148 @@
+"""Unit tests: calibration, real correction pairs, pseudo-label selection, label-error signals."""
+
+import numpy as np
+import pytest
+
+from labelsentinel.models.calibration import Calibration, isotonic_fit
+from labelsentinel.store import Store
+from labelsentinel.strategies.corrections import (
+    calibrate_records,
+    load_calibration,
+    recalibrate,
+    record_correction,
+    true_dice_per_structure,
+)
+from labelsentinel.strategies.label_errors import LabelErrorSignals, Welford, auroc, suspects
+from labelsentinel.strategies.pseudolabels import select_pseudo_labels
+
+
+def test_isotonic_is_monotone_and_fits_a_monotone_truth():
+    x = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    xs, ys = isotonic_fit(x, np.array([0.2, 0.1, 0.4, 0.3, 0.9]))
+    assert np.all(np.diff(ys) >= 0)
+    assert np.allclose(isotonic_fit(x, x ** 2)[1], x ** 2)
+
+
+def test_calibration_corrects_a_biased_source_and_bounds_it():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0.2, 1.0, 60)
+    pred = np.clip(0.5 * true + 0.5 + rng.normal(0, 0.02, 60), 0, 1)  # over-optimistic source
+    cal = Calibration.fit(pred, true, prior_mae=0.06)
+    assert cal.n == 60 and cal.mae_after < cal.mae_before / 2
+    new_t = rng.uniform(0.2, 1.0, 200)
+    new_p = np.clip(0.5 * new_t + 0.5 + rng.normal(0, 0.02, 200), 0, 1)
+    assert np.mean(np.abs(cal.apply(new_p) - new_t)) < np.mean(np.abs(new_p - new_t)) / 2
+    cover = np.mean(new_t >= cal.lower_bound(new_p, 0.1))
+    assert cover >= 0.85  # conformal: ~90% of true values above the bound
+    # monotone: the order of predictions never changes
+    assert np.all(np.diff(cal.apply(np.linspace(0, 1, 50))) >= -1e-12)
+    # round trip
+    assert Calibration.from_dict(cal.to_dict()).apply(0.8) == pytest.approx(cal.apply(0.8))
+
+
+def test_calibration_without_pairs_is_identity_with_prior_bound():
+    cal = Calibration.fit([0.5], [0.4], prior_mae=0.05)
+    assert cal.apply(0.7) == pytest.approx(0.7)
+    assert cal.lower_bound(0.7) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        Calibration.fit([0.5, 0.6], [0.5])
+
+
+def _write(path, arr):
+    from labelsentinel.io import save_nifti
+
+    save_nifti(str(path), arr.astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+
+
+def test_record_correction_stores_real_pairs_and_recalibrates(tmp_path):
+    store = Store(str(tmp_path / "s.db"))
+    final = np.zeros((10, 10, 6), np.int16)
+    final[2:6, 2:6, 1:5] = 1
+    final[6:9, 6:9, 1:5] = 2
+    pseudo = final.copy()
+    pseudo[2:4, 2:6, 1:5] = 0  # structure 1 half missing
+    pseudo[pseudo == 2] = 0  # structure 2 missing entirely
+    _write(tmp_path / "p.nii.gz", pseudo)
+    _write(tmp_path / "f.nii.gz", final)
+    assert true_dice_per_structure(pseudo, final) == {1: pytest.approx(2 * 32 / (32 + 64)), 2: 0.0}
+    store.put_quality("c1", "original", "x", "v1", record={"case": "c1", "estimator_version": "v1", "structures": [
+        {"id": 1, "name": "liver", "predicted_dice": 0.9, "voxels": 32}]})
+    r = record_correction(store, "c1", "original", str(tmp_path / "p.nii.gz"), str(tmp_path / "f.nii.gz"), {1: "liver"})
+    assert not r["skipped"] and len(r["structures"]) == 2
+    rows = store.corrections()
+    assert {(x["id"], x["predicted"]) for x in rows} == {(1, 0.9), (2, None)}
+    # unchanged files: skipped
+    assert record_correction(store, "c1", "original", str(tmp_path / "p.nii.gz"), str(tmp_path / "f.nii.gz"))["skipped"]
+    # three over-optimistic pairs -> calibration pulls predictions down
+    for i, (p, t) in enumerate([(0.9, 0.5), (0.8, 0.4), (0.95, 0.6)]):
+        store.put_corrections(f"d{i}", "original", "s", [{"id": 1, "predicted": p, "true_dice": t, "estimator_version": "v1"}])
+    d = recalibrate(store, "v1", prior_mae=0.05)
+    assert d["n"] == 4 and d["cases"] == 4
+    cal = load_calibration(store, "v1")
+    assert cal.apply(0.9) < 0.85
+    recs = calibrate_records([{"case": "z", "estimator_version": "v1", "structures": [{"id": 1, "predicted_dice": 0.9}]}],
+                             lambda v: load_calibration(store, v))
+    assert recs[0]["structures"][0]["raw_predicted_dice"] == 0.9 and recs[0]["structures"][0]["predicted_dice"] < 0.85
+
+
+def _rec(case, *dice, missing=()):
+    return {"case": case, "tag": "original", "estimator_version": "v",
+            "structures": [{"id": i + 1, "predicted_dice": d, "voxels": 100} for i, d in enumerate(dice)],
+            "missing": [{"id": m} for m in missing]}
+
+
+def test_pseudo_label_rules():
+    recs = [_rec("a", 0.99, 0.98), _rec("b", 0.95, 0.7), _rec("c", 0.97, 0.96), _rec("d", 0.99, 0.99, missing=[3])]
+    cal = Calibration.identity(prior_mae=0.02)  # bound = quality - 0.04
+    lb = select_pseudo_labels(recs, "lower_bound", threshold=0.92, calibration=cal)
+    assert [x["case"] for x in lb] == ["a"]  # c: 0.96 - 0.04 = 0.92 >= 0.92 -> also
+    assert "lower bound" in lb[0]["reason"]
+    lb = select_pseudo_labels(recs, "lower_bound", threshold=0.92 - 1e-9, calibration=cal)
+    assert [x["case"] for x in lb] == ["a", "c"]
+    th = select_pseudo_labels(recs, "threshold", threshold=0.9, calibration=cal)
+    assert [x["case"] for x in th] == ["a", "c"]  # d lacks an expected structure: min is 0
+    top = select_pseudo_labels(recs, "topk", k=3, calibration=cal, weighting=True)
+    assert [x["case"] for x in top] == ["a", "c", "b"] and top[2]["weight"] == pytest.approx(0.7)
+    assert select_pseudo_labels(recs, "none") == [] and select_pseudo_labels([], "topk") == []
+    assert [x["case"] for x in select_pseudo_labels(recs, "topk", k=2, exclude={"a"})] == ["c", "b"]
+    with pytest.raises(ValueError):
+        select_pseudo_labels(recs, "best")
+
+
+def test_welford_matches_numpy():
+    rng = np.random.default_rng(1)
+    xs = rng.normal(size=(7, 4, 3))
+    w = Welford()
+    for x in xs:
+        w.update(x)
+    assert np.allclose(w.variance(), xs.var(0, ddof=1), atol=1e-5)
+    with pytest.raises(ValueError):
+        w.update(np.zeros(2))
+
+
+def test_label_error_signals_flag_the_sample_whose_gradients_vary():
+    rng = np.random.default_rng(2)
+    sig = LabelErrorSignals(ids=[5, 7])
+    label = np.zeros((8, 8, 8), np.int16)
+    label[2:6, 2:6, 2:6] = 1
+    label[6:8, 6:8, 6:8] = 2
+    for ck in range(4):
+        for s in range(6):
+            noisy = s == 3
+            g = rng.normal(0, 3.0 if noisy else 0.3, label.shape)
+            ce = np.full(label.shape, 2.0 if noisy else 0.1)
+            sig.update(f"s{s}", g, ce, label, label)
+    assert sig.checkpoints == 4
+    sc = sig.scores({5: "liver"})
+    assert suspects(sc, "vog")[0][0] == "s3" and suspects(sc, "loss")[0][0] == "s3"
+    assert {x["id"] for x in sc["s3"]["structures"]} == {5, 7} and sc["s3"]["structures"][0]["name"] == "liver"
+    assert auroc([sc[f"s{i}"]["vog"] for i in range(6)], [i == 3 for i in range(6)]) == 1.0
+    assert suspects(sc, "vog", min_score=1e9) == []
+    with pytest.raises(ValueError):
+        suspects(sc, "entropy")
+
+
+def test_auroc():
+    assert auroc([0.9, 0.8, 0.1], [1, 0, 0]) == 1.0
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5
+    assert np.isnan(auroc([1, 2], [0, 0]))
