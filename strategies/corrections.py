@@ -40,14 +40,15 @@ def record_correction(store: Store, image_id: str, tag: str, pseudo_path: str, f
 
     Returns ``{"image_id", "tag", "structures": [...], "skipped": bool}`` or raises VolumeError.
     """
-    stamp = f"{file_stamp(pseudo_path)}|{file_stamp(final_path)}"
+    q = store.get_quality(image_id, tag)
+    rec = (q or {}).get("record") or {}
+    # the pair is redone when either file changed or the pseudo-label was rescored by another estimator
+    stamp = f"{file_stamp(pseudo_path)}|{file_stamp(final_path)}|{rec.get('estimator_version')}"
     if not force and store.correction_stamp(image_id, tag) == stamp:
         return {"image_id": image_id, "tag": tag, "skipped": True}
     pseudo, final = load_label(pseudo_path), load_label(final_path)
     check_same_grid(pseudo, final)
     true = true_dice_per_structure(pseudo.array, final.array)
-    q = store.get_quality(image_id, tag)
-    rec = (q or {}).get("record") or {}
     predicted = {int(s["id"]): float(s["predicted_dice"]) for s in rec.get("structures", [])}
     version = rec.get("estimator_version")
     names = names or {}

@@ -9,6 +9,7 @@ them back as request parameters (a list value means "choose one"; its first elem
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -76,24 +77,59 @@ class QualityScoring(ScoringMethod):
     """Predicted Dice of every structure of every pseudo-label; skips what did not change."""
 
     def __init__(self, store: Callable[[], Store], names: dict, weights: str | None = None, device: str = "cpu",
-                 expected: set[int] | None = None, prior_mae: float = 0.1):
+                 expected: set[int] | None = None, prior_mae: float = 0.1, finetune_after: int = 0,
+                 finetune_path: str | None = None):
         super().__init__("Label quality: predicted Dice of every structure of every pseudo-label (no ground truth)")
         self._store = store
         self.prior_mae = prior_mae
+        self.finetune_after = int(finetune_after or 0)
+        self.finetune_path = finetune_path
         self.expected = set(expected or ())
         self.names = names
         self.weights = weights
         self.device = device
 
+    def active_weights(self) -> str | None:
+        """The fine-tuned estimator once one was accepted (see ``maybe_finetune``), else the configured one."""
+        ft = self._store().get_setting("estimator_finetuned")
+        if ft and ft.get("weights") and os.path.isfile(ft["weights"]):
+            return ft["weights"]
+        return self.weights
+
+    def maybe_finetune(self, datastore: Datastore) -> dict | None:
+        """Fine-tune the estimator on the real corrections each time ``finetune_after`` more cases are corrected."""
+        if self.finetune_after <= 0 or not self.finetune_path:
+            return None
+        store = self._store()
+        corrected = sorted({r["image_id"] for r in store.corrections() if r["predicted"] is not None})
+        last = store.get_setting("estimator_finetune_last", {"cases": 0})
+        if len(corrected) < last["cases"] + self.finetune_after:
+            return None
+        from labelsentinel.models.estimator_finetune import Correction, finetune
+
+        corr = [Correction(i, datastore.get_image_uri(i), p, f, self.names)
+                for i, tag, p, f in correction_pairs(datastore, corrected) if tag == "original"]
+        logger.info(f"fine-tuning the estimator on {len(corr)} corrected cases")
+        try:
+            res = finetune(corr, self.finetune_path, self.active_weights(), progress=logger.info)
+        except Exception as e:  # the current weights stay; tell the log and the result
+            logger.error(f"estimator fine-tuning failed, current weights kept: {e}")
+            res = {"accepted": False, "error": str(e)}
+        store.set_setting("estimator_finetune_last", {"cases": len(corrected), "result": res, "ts": time.time()})
+        if res.get("accepted"):
+            store.set_setting("estimator_finetuned", res)
+        return res
+
     def __call__(self, request, datastore: Datastore):
         from labelsentinel.models.estimator import QualityEstimator, weights_version
 
-        version = weights_version(self.weights)
+        weights = self.active_weights()
+        version = weights_version(weights)
         result = score_labels(
             label_items(datastore),
             self._store(),
             version,
-            lambda: QualityEstimator.load(self.weights, self.device),
+            lambda: QualityEstimator.load(weights, self.device),
             self.names,
             progress=lambda m: logger.info(f"quality scoring {m}"),
             expected=self.expected,
@@ -102,6 +138,9 @@ class QualityScoring(ScoringMethod):
                     f"{len(result['errors'])} errors in {result['seconds']} s")
         # Human corrections of scored pseudo-labels: real (predicted, true) pairs -> recalibration.
         result["corrections"] = record_corrections(self._store(), datastore, version, self.prior_mae, self.names)
+        ft = self.maybe_finetune(datastore)
+        if ft is not None:
+            result["finetune"] = ft
         return result
 
 

@@ -1,5 +1,7 @@
 """Unit tests: calibration, real correction pairs, pseudo-label selection, label-error signals."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -146,3 +148,37 @@ def test_auroc():
     assert auroc([0.9, 0.8, 0.1], [1, 0, 0]) == 1.0
     assert auroc([0.5, 0.5], [1, 0]) == 0.5
     assert np.isnan(auroc([1, 2], [0, 0]))
+
+
+def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
+    """A systematic pseudo-label source (every structure dilated): fine-tuning on corrected cases of it
+    lowers the held-out MAE; when it cannot, the current weights are kept and the result says so."""
+    from labelsentinel.io import save_nifti
+    from labelsentinel.models.degradations import degrade
+    from labelsentinel.models.estimator import QualityEstimator, weights_version
+    from labelsentinel.models.estimator_finetune import Correction, finetune
+    from labelsentinel.sampledata import PHANTOM_LABELS, SPACING, _affine, make_phantom
+
+    corr = []
+    for i in range(4):
+        rng = np.random.default_rng([99, i])
+        img, truth, _ = make_phantom(rng)
+        pseudo = truth.copy()
+        for sid in sorted(int(x) for x in np.unique(truth) if x):
+            if (pseudo == sid).any():
+                pseudo = degrade(pseudo, sid, "dilate_mm", SPACING, rng, severity=0.6).label
+        paths = [str(tmp_path / f"{n}{i}.nii.gz") for n in ("img", "pseudo", "final")]
+        for p, a in zip(paths, (img, pseudo, truth)):
+            save_nifti(p, a, _affine())
+        corr.append(Correction(f"c{i}", *paths, dict(PHANTOM_LABELS)))
+    out = str(tmp_path / "ft.pt")
+    res = finetune(corr, out, epochs=3, synthetic=1, val_fraction=0.25)
+    assert res["cases"] == 4 and res["real_samples"] > 0 and res["held_out_real_samples"] > 0
+    # measured: held-out real MAE 0.200 -> 0.156 after 3 epochs
+    assert res["accepted"] and res["mae_after"] < res["mae_before"] and os.path.isfile(out)
+    assert QualityEstimator.load(out).version == res["version"] != weights_version()
+    # a fine-tuning that cannot beat the current weights leaves them in place
+    res2 = finetune(corr, str(tmp_path / "ft2.pt"), epochs=1, lr=0.0, synthetic=1, val_fraction=0.25)
+    assert not res2["accepted"] and res2["weights"] is None and not os.path.exists(tmp_path / "ft2.pt")
+    with pytest.raises(ValueError):
+        finetune(corr[:1], out)

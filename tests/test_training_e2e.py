@@ -29,7 +29,9 @@ def studies(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(studies, tmp_path_factory):
-    srv = Server(studies, str(tmp_path_factory.mktemp("ts")), env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}).start()
+    # fine-tune the estimator once 5 cases are corrected (default 20)
+    srv = Server(studies, str(tmp_path_factory.mktemp("ts")), conf={"finetune_after": 5},
+                 env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}).start()
     yield srv
     srv.stop()
 
@@ -60,6 +62,7 @@ def _score(url):
     assert requests.post(f"{url}/scoring/quality", timeout=30).status_code == 200
     st = _wait(lambda: requests.get(f"{url}/scoring/", timeout=30).json(), "scoring")
     assert st["status"] == "DONE", st
+    return st
 
 
 def _train(client, server, **params):
@@ -148,3 +151,24 @@ def test_refurbishment_trains_on_predictions_and_never_touches_final_labels(serv
     assert {c: _md5(p) for c, p in finals.items()} == md5  # byte-identical human labels
     labels = requests.get(f"{server.url}/datastore/?output=all", timeout=10).json()
     assert all("final" in labels["objects"][c]["labels"] for c in finals)
+
+
+def test_fine_tuning_after_enough_corrections(server, store):
+    """5 corrected cases now (3 at start + 2 saved above): the next scoring fine-tunes the estimator on them,
+    keeps the result only if it beats the current weights on held-out corrected cases, and rescoring uses it."""
+    from labelsentinel.models.estimator import weights_version
+
+    _score(server.url)
+    last = store.get_setting("estimator_finetune_last")
+    assert last and last["cases"] == 5, last
+    res = last["result"]
+    assert res["real_samples"] > 0 and res["held_out_real_samples"] > 0 and "mae_before" in res
+    if res["accepted"]:
+        assert res["mae_after"] < res["mae_before"]
+        assert store.get_setting("estimator_finetuned")["version"] == res["version"] != weights_version()
+        _score(server.url)  # the next scoring rescores every label with the fine-tuned weights
+        assert {r["estimator_version"] for r in store.quality("original")} == {res["version"]}
+    else:
+        assert res["mae_after"] >= res["mae_before"] and store.get_setting("estimator_finetuned") is None
+        assert {r["estimator_version"] for r in store.quality("original")} == {weights_version()}
+    print("fine-tune result:", res)

@@ -160,7 +160,13 @@ class SentinelApp(MONAILabelApp):
         # The structures the project segments (the app's labels): a pseudo-label lacking one is incomplete.
         expected = {int(v) for c in self.configs.values() for v in c.labels.values()}
         return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected,
-                                          prior_mae=self.prior_mae)}
+                                          prior_mae=self.prior_mae,
+                                          finetune_after=int(self.conf.get("finetune_after", 20)),
+                                          finetune_path=os.path.join(self.model_dir, "estimator_finetuned.pt"))}
+
+    def _active_estimator(self) -> str | None:
+        q = self._scoring_methods.get("quality")
+        return q.active_weights() if isinstance(q, QualityScoring) else self.estimator_weights
 
     @property
     def prior_mae(self) -> float:
@@ -180,7 +186,7 @@ class SentinelApp(MONAILabelApp):
             if labels.get("final") == label_id:
                 self.store().release_lease(image_id)
                 res["corrections"] = record_corrections(self.store(), self.datastore(),
-                                                        weights_version(self.estimator_weights), self.prior_mae,
+                                                        weights_version(self._active_estimator()), self.prior_mae,
                                                         self.structure_names(), image_ids=[image_id])
         except Exception as e:  # the label is saved; a failed bookkeeping step must not fail the save
             logger.error(f"recording the correction of {image_id} failed: {e}")
