@@ -85,6 +85,7 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
 
     run = store.get_setting("training_runs")[-1]
     assert run["finals"] == 3 and len(run["pseudo_labels"]) == 2
+    assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "vog"
     with open(os.path.join(server.model_dir, "segmentation", "train_data.json")) as f:
         assert json.load(f)["pseudo_labels"] == run["pseudo_labels"]
     # the two chosen are the best-rated unlabeled pseudo-labels (calibrated worst structure)

@@ -65,6 +65,8 @@ def check_pairs(datalist: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _opt(request: dict, key: str, default):
     """A request option as the type of its default (OHIF/Slicer send strings; a list means its first item)."""
+    if isinstance(default, list):  # a config choice list: its first item is the default
+        default = default[0] if default else None
     v = request.get(key, default)
     if isinstance(v, list):
         v = v[0] if v else default
