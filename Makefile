@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 export SAM2_BUILD_CUDA := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test bench venv sample-data clean-venv
+.PHONY: run run-dicom test bench venv sample-data clean-venv
 
 # The virtualenv is rebuilt when the pinned requirements or pyproject.toml change.
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -37,6 +37,11 @@ sample-data: $(STUDIES)/label_names.json
 
 run: $(VENV)/.installed $(STUDIES)/label_names.json
 	@$(PY) -m labelsentinel.serve --app apps/sentinel --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+
+# Orthanc (Debian packages orthanc + orthanc-dicomweb, installed with apt-get if missing) on a free loopback
+# port, the studies stored in it as DICOM CT series with their pseudo-labels imported, the server on its DICOMweb.
+run-dicom: $(VENV)/.installed $(STUDIES)/label_names.json
+	@$(PY) -m labelsentinel.cli run-dicom --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -ra tests

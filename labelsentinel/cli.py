@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "labelsentinel.sampledata",
     "labelsentinel.serve",
     "labelsentinel.lead",
+    "labelsentinel.importlabels",
+    "labelsentinel.dicom",
     "labelsentinel.models.estimator_cli",
 ]
 

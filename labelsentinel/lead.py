@@ -156,7 +156,45 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_report(q: dict, out: str, method: str = "min") -> dict:
+AGE_GROUPS = ((None, 40, "<40"), (40, 60, "40-59"), (60, None, "60+"))
+
+
+def age_group(age) -> str:
+    if age is None or age == "":
+        return "unknown"
+    a = float(age)
+    for lo, hi, name in AGE_GROUPS:
+        if (lo is None or a >= lo) and (hi is None or a < hi):
+            return name
+    return "unknown"
+
+
+def quality_by_group(q: dict, demographics: dict, method: str = "min") -> list[dict]:
+    """Predicted quality of the scored pseudo-labels by patient sex and by age group (<40, 40-59, 60+), with
+    the number of cases behind each figure. ``demographics``: image id -> {"sex", "age" (years)}."""
+    from labelsentinel.strategies.ranking import aggregate
+
+    thr = q["good_enough"]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in q["records"]:
+        if not r.get("record"):
+            continue
+        a = aggregate(r["record"], method)
+        if a is None:
+            continue
+        d = demographics.get(r["image_id"]) or {}
+        sex = {"F": "female", "M": "male", "O": "other"}.get(str(d.get("sex") or "").upper()[:1], "unknown")
+        for key in (("sex", sex), ("age", age_group(d.get("age")))):
+            groups.setdefault(key, []).append(a)
+    order = {"female": 0, "male": 1, "other": 2, "<40": 0, "40-59": 1, "60+": 2, "unknown": 9}
+    rows = []
+    for (by, g), vals in sorted(groups.items(), key=lambda kv: (kv[0][0] != "sex", order.get(kv[0][1], 5), kv[0][1])):
+        rows.append({"by": by, "group": g, "cases": len(vals), f"mean_predicted_dice_{method}": round(sum(vals) / len(vals), 4),
+                     "below_good_enough": sum(v < thr for v in vals)})
+    return rows
+
+
+def write_report(q: dict, out: str, method: str = "min", demographics: dict | None = None) -> dict:
     """HTML page + CSV files from the server's quality records; returns the paths written."""
     import matplotlib
 
@@ -214,6 +252,12 @@ def write_report(q: dict, out: str, method: str = "min") -> dict:
         ax.set_ylabel("expected dataset Dice")
         figs["budget"] = _png(fig)
         plt.close(fig)
+    group_rows = quality_by_group(q, demographics, method) if demographics else []
+    if group_rows:
+        with open(os.path.join(out, "groups.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(group_rows[0]))
+            w.writeheader()
+            w.writerows(group_rows)
     n_below = sum(1 for _, a, _, fin in cases if not fin and a is not None and a < thr)
     n_above = sum(1 for _, a, _, fin in cases if not fin and a is not None and a >= thr)
     e = html.escape
@@ -236,18 +280,37 @@ Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (ne
 best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}
 <h2>Worst cases (lowest predicted Dice, {method} over structures)</h2>
 <table><tr><th>case</th><th>predicted Dice</th><th>worst structures</th><th></th></tr>{rows}</table>
+{groups_html(group_rows, method)}
 {f'<h2>Labels that could not be scored</h2><ul>{errors}</ul>' if errors else ''}
 <p>CSV: structures.csv, cases.csv, budget_curve.csv</p></body></html>"""
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(page)
-    return {k: os.path.join(out, k) for k in ("report.html", "structures.csv", "cases.csv", "budget_curve.csv")}
+    files = ("report.html", "structures.csv", "cases.csv", "budget_curve.csv") + (("groups.csv",) if group_rows else ())
+    return {k: os.path.join(out, k) for k in files}
+
+
+def groups_html(rows: list[dict], method: str) -> str:
+    if not rows:
+        return ""
+    e = html.escape
+    body = "".join(f"<tr><td>{e(r['by'])}</td><td>{e(r['group'])}</td><td>{r['cases']}</td>"
+                   f"<td>{r[f'mean_predicted_dice_{method}']:.3f}</td><td>{r['below_good_enough']}</td></tr>" for r in rows)
+    return ("<h2>Quality by patient sex and age group</h2><p>From the DICOM headers (PatientSex, PatientAge) or the "
+            "studies' cases.csv; <i>cases</i> is the number of scored cases behind each figure.</p>"
+            "<table><tr><th>by</th><th>group</th><th>cases</th><th>mean predicted Dice</th><th>below good enough</th>"
+            f"</tr>{body}</table>")
 
 
 def cmd_report(args) -> int:
     if args.score:
         run_scoring(args.server)
     q = _get(args.server, "/labelsentinel/quality")
-    paths = write_report(q, args.out, args.aggregate)
+    try:
+        demo = _get(args.server, "/labelsentinel/demographics")["images"]
+    except ServerError as e:  # an older server, or a PACS that does not answer: the report goes on without groups
+        print(f"warning: no patient sex/age groups: {e}", file=sys.stderr)
+        demo = None
+    paths = write_report(q, args.out, args.aggregate, demo)
     print(json.dumps(paths, indent=1))
     return 0
 

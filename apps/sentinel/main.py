@@ -71,7 +71,9 @@ class SentinelApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            from lib.dicomweb import adopt_remote
+
+            return adopt_remote(super().init_datastore(), self.structure_names())
         from monailabel.config import settings
 
         if not os.path.isdir(self.studies):

@@ -66,5 +66,75 @@ def register_routes(app_instance) -> None:
         logger.info(f"budget set: {body} -> {len(plan['cases'])} planned case(s)")
         return plan
 
+    @router.get("/demographics")
+    def demographics():
+        """image id -> {"sex", "age"} (age in years): DICOM headers of a DICOMweb datastore (QIDO-RS), else a
+        ``cases.csv`` (or the sample data's ``truth/cases.csv``) of the studies folder, else the image info."""
+        return image_demographics(app_instance)
+
     fastapi_app.include_router(router)
-    logger.info("Label Sentinel REST routes: /labelsentinel/quality, /labelsentinel/budget")
+    register_ohif_route(fastapi_app)
+    logger.info("Label Sentinel REST routes: /labelsentinel/quality, /labelsentinel/budget, /labelsentinel/demographics")
+
+
+def image_demographics(app_instance) -> dict:
+    ds = app_instance.datastore()
+    images = ds.list_images()
+    out = {i: {"sex": "", "age": None} for i in images}
+    client = getattr(ds, "_client", None)
+    if client is not None and hasattr(client, "search_for_series"):
+        from labelsentinel.dicom import series_demographics
+
+        for uid, d in series_demographics(client.base_url, set(images)).items():
+            out[uid] = {"sex": d["sex"], "age": d["age"]}
+        return {"source": "dicom", "images": out}
+    from labelsentinel.dicom import age_years, read_cases_csv
+
+    rows = read_cases_csv(app_instance.studies) if not app_instance.studies.startswith("http") else {}
+    source = "cases.csv" if rows else "image info"
+    for i in images:
+        r = rows.get(i)
+        if r is None:
+            info = ds.get_image_info(i) or {}
+            r = {"sex": info.get("PatientSex") or info.get("sex") or "",
+                 "age": info.get("PatientAge") or info.get("age")}
+        out[i] = {"sex": str(r.get("sex") or "").upper()[:1], "age": age_years(r.get("age"))}
+    return {"source": source, "images": out}
+
+
+def register_ohif_route(fastapi_app) -> None:
+    """Serve OHIF's files under sub-folders (``/ohif/assets/...``): MONAI Label 0.8.5 joins the path with
+    ``os.pathsep`` (':') instead of '/', so every such file fell back to index.html. Our route is put in front
+    of MONAI Label's; anything that is not a file under the OHIF folder still gets index.html (OHIF's own
+    client-side routes), as before."""
+    import os
+
+    from fastapi import Depends
+    from fastapi.responses import FileResponse
+    from monailabel.config import settings
+    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.utils.others.generic import get_mime_type
+
+    import monailabel.endpoints as ep
+
+    if any(getattr(r, "name", "") == "labelsentinel_ohif" for r in fastapi_app.router.routes):
+        return
+    ohif_dir = os.path.realpath(os.path.join(os.path.dirname(ep.__file__), "static", "ohif"))
+
+    async def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        index = os.path.join(ohif_dir, "index.html")
+        file = os.path.realpath(os.path.join(ohif_dir, path)) if path else index
+        if not (file.startswith(ohif_dir + os.sep) and os.path.isfile(file)):
+            file = index
+        if not os.path.isfile(file):
+            raise HTTPException(status_code=404, detail="OHIF is not installed in this MONAI Label")
+        return FileResponse(file, media_type=get_mime_type(file))
+
+    fastapi_app.add_api_route("/ohif/{path:path}", ohif_file, methods=["GET"], include_in_schema=False,
+                              name="labelsentinel_ohif")
+    # First in the list: it matches only /ohif/..., and MONAI Label's route sits inside an included router
+    # (FastAPI keeps included routers as one entry), so "just before it" is not addressable.
+    routes = fastapi_app.router.routes
+    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_ohif")
+    routes.remove(ours)
+    routes.insert(0, ours)

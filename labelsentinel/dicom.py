@@ -1,0 +1,517 @@
+"""DICOM for Label Sentinel: NIfTI volumes as DICOM CT series, existing series with their UIDs checked, upload
+to a DICOMweb PACS (STOW-RS), and DICOM SEG read back as label volumes.
+
+    labelsentinel dicom-upload --studies DIR --dicomweb URL     # sample/NIfTI studies -> CT series in a PACS
+    labelsentinel run-dicom [--studies DIR]                     # Orthanc + studies as DICOM + the server
+
+UIDs of converted volumes are derived from a seed and the case id (same input, same UIDs), so uploading the
+same studies twice does not create new series.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI RAS <-> DICOM LPS
+
+
+class DicomError(ValueError):
+    """A DICOM input that cannot be used, with the reason."""
+
+
+@dataclass
+class SeriesInfo:
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    datasets: list = field(default_factory=list)  # pydicom Datasets, in slice order
+    sex: str = ""
+    age: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.datasets)
+
+
+def uid_for(seed, case_id: str, what: str) -> str:
+    """A valid UID derived from (seed, case id, what): the same inputs always give the same UID."""
+    return generate_uid(entropy_srcs=["labelsentinel", str(seed), str(case_id), what])
+
+
+def dicom_age(age) -> str:
+    """45 -> '045Y'; an existing DICOM age string ('045Y') is kept; '' for unknown."""
+    if age is None or age == "":
+        return ""
+    s = str(age).strip()
+    if len(s) == 4 and s[:3].isdigit() and s[3] in "DWMY":
+        return s
+    return f"{int(float(s)):03d}Y"
+
+
+def dicom_sex(sex) -> str:
+    s = (sex or "").strip().upper()[:1]
+    if s and s not in "MFO":
+        raise DicomError(f"patient sex {sex!r}: use M, F or O")
+    return s
+
+
+def volume_to_series(array: np.ndarray, affine: np.ndarray, case_id: str, seed=0, sex="", age=None,
+                     study_uid: str | None = None, series_uid: str | None = None,
+                     description: str = "Label Sentinel CT") -> SeriesInfo:
+    """A 3D volume (X, Y, Z voxel order, NIfTI RAS affine, HU) as a DICOM CT series (one Dataset per z slice).
+
+    The pixel grid is kept as is: column index = array axis 0, row index = axis 1, slice = axis 2, so a DICOM
+    reader (SimpleITK, MONAI Label's DICOMweb datastore) gives back the same voxels on the same world grid.
+    """
+    if array.ndim != 3:
+        raise DicomError(f"{case_id}: a 3D volume is needed, got shape {array.shape}")
+    a = np.asarray(affine, dtype=np.float64)
+    sp = np.linalg.norm(a[:3, :3], axis=0)
+    if np.any(sp <= 0):
+        raise DicomError(f"{case_id}: degenerate affine (spacing {sp})")
+    dirs = LPS @ (a[:3, :3] / sp)  # LPS direction of each array axis
+    row_dir, col_dir = dirs[:, 0], dirs[:, 1]
+    if abs(float(np.dot(row_dir, col_dir))) > 1e-4:
+        raise DicomError(f"{case_id}: sheared affine cannot be written as DICOM")
+    vol = np.clip(np.round(np.asarray(array, dtype=np.float64)), -32768, 32767).astype(np.int16)
+    study_uid = study_uid or uid_for(seed, case_id, "study")
+    series_uid = series_uid or uid_for(seed, case_id, "series")
+    frame_uid = uid_for(seed, case_id, "frame")
+    sex, age = dicom_sex(sex), dicom_age(age)
+    out = SeriesInfo(study_uid, series_uid, case_id, sex=sex, age=age)
+    for k in range(vol.shape[2]):
+        sop_uid = uid_for(seed, case_id, f"sop-{k}")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.preamble = b"\x00" * 128  # dicomweb-client writes datasets as they are: with a preamble, a valid Part 10 file
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "Label Sentinel"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "Label Sentinel study"
+        ds.SeriesDescription = description
+        ds.PatientName = case_id
+        ds.PatientID = case_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = sex
+        ds.PatientAge = age
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [f"{v:.6g}" for v in LPS @ (a @ np.array([0.0, 0.0, k, 1.0]))[:3]]
+        ds.ImageOrientationPatient = [f"{v:.6g}" for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [f"{sp[1]:.6g}", f"{sp[0]:.6g}"]  # row spacing (axis 1), column spacing (axis 0)
+        ds.SliceThickness = f"{sp[2]:.6g}"
+        ds.SliceLocation = f"{float(ds.ImagePositionPatient[2]):.6g}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = int(vol.shape[1]), int(vol.shape[0])
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).tobytes()
+        out.datasets.append(ds)
+    return out
+
+
+def nifti_to_series(path: str, case_id: str | None = None, seed=0, sex="", age=None, **kw) -> SeriesInfo:
+    from labelsentinel.io import load_volume
+
+    v = load_volume(path)
+    if case_id is None:
+        case_id = os.path.basename(path).split(".nii")[0]
+    return volume_to_series(v.array, v.affine, case_id, seed=seed, sex=sex, age=age, **kw)
+
+
+def load_series(folder: str, study_uid: str | None = None, series_uid: str | None = None,
+                patient_id: str | None = None, sex: str | None = None, age=None) -> SeriesInfo:
+    """Read an existing DICOM series; UIDs and demographics given here replace (or fill in) those of the files.
+
+    A series whose files lack a Study or Series Instance UID is refused unless both are given: a DICOMweb PACS
+    cannot store it and MONAI Label could not address it.
+    """
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f))
+    if not files:
+        raise DicomError(f"{folder}: no files")
+    dss = []
+    for f in files:
+        try:
+            dss.append(pydicom.dcmread(f))
+        except Exception as e:
+            raise DicomError(f"{f}: not a DICOM file ({e})") from e
+    series = {str(d.get("SeriesInstanceUID", "") or "") for d in dss}
+    studies = {str(d.get("StudyInstanceUID", "") or "") for d in dss}
+    missing = [n for n, vals, given in (("StudyInstanceUID", studies, study_uid),
+                                        ("SeriesInstanceUID", series, series_uid)) if "" in vals and not given]
+    if missing:
+        raise DicomError(f"{folder}: {len(dss)} file(s) without {' and '.join(missing)}; a PACS cannot store them. "
+                         "Assign UIDs explicitly (labelsentinel dicom-upload --series DIR --study-uid UID "
+                         "--series-uid UID, or load_series(..., study_uid=, series_uid=))")
+    if len(series - {""}) > 1 and not series_uid:
+        raise DicomError(f"{folder}: files of {len(series)} different series; give one folder per series")
+    if series_uid:
+        series = {series_uid}
+    if study_uid:
+        studies = {study_uid}
+    study_uid, series_uid = studies.pop(), series.pop()
+    paths = {id(d): f for d, f in zip(dss, files)}
+    dss.sort(key=lambda d: int(d.get("InstanceNumber") or 0))
+    for i, d in enumerate(dss):
+        if d.file_meta.TransferSyntaxUID.is_compressed:
+            _decompress(d, paths[id(d)])
+        d.StudyInstanceUID = study_uid
+        d.SeriesInstanceUID = series_uid
+        if not str(d.get("SOPInstanceUID", "") or ""):
+            fm = getattr(d, "file_meta", None)
+            d.SOPInstanceUID = str(getattr(fm, "MediaStorageSOPInstanceUID", "") or "") or uid_for(series_uid, i, "sop")
+        if not str(d.get("SOPClassUID", "") or ""):
+            fm = getattr(d, "file_meta", None)
+            d.SOPClassUID = str(getattr(fm, "MediaStorageSOPClassUID", "") or "") or CTImageStorage
+        if patient_id is not None:
+            d.PatientID = patient_id
+            if not str(d.get("PatientName", "") or ""):
+                d.PatientName = patient_id
+        if sex is not None:
+            d.PatientSex = dicom_sex(sex)
+        if age is not None:
+            d.PatientAge = dicom_age(age)
+        if getattr(d, "preamble", None) is None:
+            d.preamble = b"\x00" * 128
+        if hasattr(d, "file_meta"):
+            d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+            d.file_meta.MediaStorageSOPClassUID = d.SOPClassUID
+    d0 = dss[0]
+    return SeriesInfo(study_uid, series_uid, str(d0.get("PatientID", "") or ""), dss,
+                      str(d0.get("PatientSex", "") or ""), str(d0.get("PatientAge", "") or ""))
+
+
+def _decompress(d: Dataset, path: str) -> None:
+    """Store compressed pixels (e.g. JPEG 2000) as plain little endian HU: a PACS without the codec cannot
+    transcode them for DICOMweb clients that ask for uncompressed data (MONAI Label does)."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(path)  # GDCM decodes and applies the rescale: HU
+    except Exception as e:
+        raise DicomError(f"{path}: cannot decode the compressed pixel data ({e})") from e
+    arr = sitk.GetArrayFromImage(img)
+    if arr.ndim == 3:
+        arr = arr[0]
+    if arr.shape != (int(d.Rows), int(d.Columns)):
+        raise DicomError(f"{path}: decoded {arr.shape}, expected ({d.Rows}, {d.Columns})")
+    d.PixelData = np.clip(np.round(arr), -32768, 32767).astype(np.int16).tobytes()
+    d["PixelData"].VR = "OW"
+    d["PixelData"].is_undefined_length = False
+    d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+    d.SamplesPerPixel, d.PhotometricInterpretation = 1, "MONOCHROME2"
+    d.RescaleIntercept, d.RescaleSlope = "0", "1"
+    d.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    d.is_little_endian, d.is_implicit_VR = True, False
+
+
+def write_series(info: SeriesInfo, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for d in info.datasets:
+        p = os.path.join(out_dir, f"{d.SOPInstanceUID}.dcm")
+        d.save_as(p, write_like_original=False)
+        paths.append(p)
+    return paths
+
+
+def dicomweb_client(url: str):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url.rstrip("/"))
+
+
+def upload(datasets, dicomweb_url: str, batch: int = 32) -> int:
+    """STOW-RS the datasets to a DICOMweb server; returns how many were stored. Raises DicomError on refusal."""
+    from requests import HTTPError, RequestException
+
+    client = dicomweb_client(dicomweb_url)
+    n = 0
+    for i in range(0, len(datasets), batch):
+        chunk = datasets[i:i + batch]
+        try:
+            client.store_instances(chunk)
+        except (HTTPError, RequestException) as e:
+            raise DicomError(f"{dicomweb_url}: storing {len(chunk)} instance(s) failed: {e}") from e
+        n += len(chunk)
+    return n
+
+
+def series_demographics(dicomweb_url: str, series_uids=None) -> dict[str, dict]:
+    """SeriesInstanceUID -> {"sex", "age" (years or None), "patient_id", "study_uid"} from QIDO-RS."""
+    client = dicomweb_client(dicomweb_url)
+    out = {}
+    for js in client.search_for_series(fields=["PatientSex", "PatientAge", "PatientID"]):
+        d = Dataset.from_json(js)
+        uid = str(d.get("SeriesInstanceUID", "") or "")
+        if series_uids is not None and uid not in series_uids:
+            continue
+        out[uid] = {"sex": str(d.get("PatientSex", "") or ""), "age": age_years(d.get("PatientAge", "")),
+                    "patient_id": str(d.get("PatientID", "") or ""), "study_uid": str(d.get("StudyInstanceUID", "") or "")}
+    return out
+
+
+def age_years(age) -> float | None:
+    """'045Y' -> 45, '006M' -> 0.5, 45 -> 45; None when unknown."""
+    if age is None or age == "":
+        return None
+    s = str(age).strip()
+    try:
+        if s[-1:] in "DWMY" and s[:-1].isdigit():
+            return int(s[:-1]) / {"D": 365.25, "W": 52.18, "M": 12, "Y": 1}[s[-1]]
+        return float(s)
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- DICOM SEG
+@dataclass
+class SegVolume:
+    image: object  # SimpleITK image of segment numbers (0 = background)
+    segments: dict  # segment number -> SegmentLabel
+    referenced_series: str
+    study_uid: str
+
+
+def read_seg(path: str) -> SegVolume:
+    """A DICOM SEG file as a label image of segment numbers, with its segments and the series it refers to."""
+    import pydicom_seg
+
+    try:
+        dcm = pydicom.dcmread(path)
+    except Exception as e:
+        raise DicomError(f"{path}: not a DICOM file ({e})") from e
+    if str(dcm.get("Modality", "")) != "SEG" or "SegmentSequence" not in dcm:
+        raise DicomError(f"{path}: not a DICOM SEG (Modality {dcm.get('Modality', '?')!r})")
+    ref = ""
+    if dcm.get("ReferencedSeriesSequence"):
+        ref = str(dcm.ReferencedSeriesSequence[0].get("SeriesInstanceUID", "") or "")
+    if not ref:
+        raise DicomError(f"{path}: the SEG names no referenced series (ReferencedSeriesSequence)")
+    segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or "") for s in dcm.SegmentSequence}
+    try:
+        res = pydicom_seg.MultiClassReader().read(dcm)
+    except Exception as e:
+        raise DicomError(f"{path}: cannot read the segments ({e})") from e
+    return SegVolume(res.image, segments, ref, str(dcm.get("StudyInstanceUID", "") or ""))
+
+
+def seg_to_label(seg: SegVolume, reference_image: str, label_names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Resample a SEG onto a reference image (NIfTI) and map its segments to label ids.
+
+    A segment maps to the id whose name equals its SegmentLabel (case-insensitive), else to its segment number
+    when that number is an id of ``label_names``; any other segment is an error naming it.
+    Returns (label array in the reference's voxel order, the reference's affine, {segment number: label id}).
+    """
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    by_name = {str(v).lower(): int(k) for k, v in label_names.items()}
+    mapping, bad = {}, []
+    for num, name in sorted(seg.segments.items()):
+        if name.lower() in by_name:
+            mapping[num] = by_name[name.lower()]
+        elif int(num) in label_names:
+            mapping[num] = int(num)
+        else:
+            bad.append(f"segment {num} ({name or 'no label'})")
+    if bad:
+        raise DicomError(f"SEG of series {seg.referenced_series}: {', '.join(bad)} not in the label names "
+                         f"(known ids {min(label_names)}..{max(label_names)}, {len(label_names)} names); "
+                         "add them to the label names file or fix the SEG")
+    ref = sitk.ReadImage(reference_image)
+    lab = sitk.Resample(seg.image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg.image.GetPixelID())
+    arr = sitk.GetArrayFromImage(lab)  # (z, y, x)
+    lut = np.zeros(max(max(seg.segments, default=0), 0) + 1, dtype=np.uint16)
+    for num, lid in mapping.items():
+        lut[num] = lid
+    arr = lut[np.clip(arr, 0, len(lut) - 1)]
+    # The reference NIfTI's own voxel order (SimpleITK's index (x, y, z) = nibabel's array axes for files
+    # SimpleITK wrote; for other files, go through the world grid of nibabel's affine).
+    nii = nib.load(reference_image)
+    vol = np.transpose(arr, (2, 1, 0))
+    if vol.shape != nii.shape[:3]:
+        raise DicomError(f"reference {reference_image}: shape {nii.shape} does not match its SimpleITK grid {vol.shape}")
+    dtype = np.uint8 if max(mapping.values(), default=0) < 256 else np.uint16
+    return vol.astype(dtype), np.asarray(nii.affine), mapping
+
+
+# ------------------------------------------------------------------------------------------ studies -> PACS
+def read_cases_csv(studies: str) -> dict[str, dict]:
+    """case id -> {"sex", "age"} from STUDIES/cases.csv or STUDIES/truth/cases.csv (sample data), if present."""
+    for p in (os.path.join(studies, "cases.csv"), os.path.join(studies, "truth", "cases.csv")):
+        if os.path.isfile(p):
+            with open(p, newline="") as f:
+                return {r.get("case") or r.get("image") or r.get("id"): {"sex": r.get("sex", ""), "age": r.get("age", "")}
+                        for r in csv.DictReader(f)}
+    return {}
+
+
+def studies_images(studies: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(studies, "*.nii.gz")) + glob.glob(os.path.join(studies, "*.nii")))
+
+
+def upload_studies(studies: str, dicomweb_url: str, seed=0, progress=print) -> dict[str, SeriesInfo]:
+    """Every NIfTI image of a studies folder as a CT series in the PACS; returns case id -> SeriesInfo (no pixels)."""
+    demo = read_cases_csv(studies)
+    out = {}
+    for p in studies_images(studies):
+        cid = os.path.basename(p).split(".nii")[0]
+        d = demo.get(cid, {})
+        info = nifti_to_series(p, cid, seed=seed, sex=d.get("sex", ""), age=d.get("age") or None)
+        upload(info.datasets, dicomweb_url)
+        info.datasets = []
+        out[cid] = info
+        if progress:
+            progress(f"  {cid}: series {info.series_uid} ({d.get('sex') or '?'}, {d.get('age') or '?'})")
+    return out
+
+
+def cmd_upload(args) -> int:
+    try:
+        if args.series:
+            info = load_series(args.series, args.study_uid, args.series_uid, args.patient_id, args.sex, args.age)
+            upload(info.datasets, args.dicomweb)
+            print(f"{args.series}: {info.n} instance(s) stored as series {info.series_uid}")
+        else:
+            res = upload_studies(args.studies, args.dicomweb, args.seed)
+            print(f"{len(res)} series stored in {args.dicomweb}")
+    except DicomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_dicom(args) -> int:
+    """Orthanc + the studies as DICOM (with their original labels imported) + the MONAI Label server."""
+    import subprocess
+    import tempfile
+
+    from labelsentinel.importlabels import import_labels
+    from labelsentinel.orthanc import Orthanc, OrthancError, ensure_orthanc_installed
+    from labelsentinel.serve import server_command, server_env, wait_for_info
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and a plain `kill` too, stop the server and Orthanc (started in the background, SIGINT may be ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    if not studies_images(args.studies):
+        print(f"error: no NIfTI images in {args.studies!r} (create demo studies with `labelsentinel sample-data "
+              f"--out {args.studies}`)", file=sys.stderr)
+        return 2
+    try:
+        ensure_orthanc_installed()
+        pacs = Orthanc(args.orthanc_dir).start()
+    except OrthancError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    proc = None
+    try:
+        print(f"Orthanc (DICOMweb) : {pacs.dicomweb_url}   (storage {pacs.workdir})", flush=True)
+        print("loading the studies into Orthanc as DICOM CT series ...", flush=True)
+        series = upload_studies(args.studies, pacs.dicomweb_url)
+        if args.real_series:
+            name = os.path.basename(os.path.normpath(args.real_series))
+            info = load_series(args.real_series, uid_for(0, name, "study"), uid_for(0, name, "series"))
+            upload(info.datasets, pacs.dicomweb_url)
+            print(f"  {name}: series {info.series_uid} ({info.n} instances)")
+        cache = args.cache or tempfile.mkdtemp(prefix="labelsentinel-dicomweb-cache-")
+        env = server_env(args.app)
+        env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = cache
+        url = f"http://{args.host}:{args.port}"
+        conf = list(args.conf or [])
+        names = os.path.join(args.studies, "label_names.json")
+        if os.path.isfile(names) and not any(k == "label_names" for k, _ in conf):
+            conf.append(["label_names", os.path.abspath(names)])
+        cmd = server_command(args.app, pacs.dicomweb_url, args.host, args.port, conf)
+        print("starting:", " ".join(cmd), flush=True)
+        proc = subprocess.Popen(cmd, env=env)
+        info = wait_for_info(url, args.wait, proc)
+        if info is None:
+            print("error: the server did not start (see its log above)", file=sys.stderr)
+            return 1
+        n = 0
+        for cid, s in series.items():
+            lab = os.path.join(args.studies, "labels", "original", f"{cid}.nii.gz")
+            if os.path.isfile(lab):
+                import_labels(url, [lab], label_names=names if os.path.isfile(names) else None, image_ids=[s.series_uid],
+                              quiet=True)
+                n += 1
+        print(f"imported {n} pseudo-label(s) as the `original` tag")
+        print("")
+        print(f"Label Sentinel is up on DICOMweb: {info.get('name')}")
+        print(f"  OHIF viewer : {url}/ohif/")
+        print(f"  3D Slicer   : MONAI Label module -> server address {url}")
+        print(f"  Orthanc     : {pacs.url}/app/explorer.html   DICOMweb: {pacs.dicomweb_url}")
+        print(f"  REST API    : {url}/  (info: {url}/info/)")
+        print("Press Ctrl-C to stop.", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        pacs.stop(remove=args.orthanc_dir is None)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dicom-upload", help="store NIfTI studies (as CT series) or a DICOM series in a DICOMweb PACS")
+    p.add_argument("--dicomweb", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--studies", help="studies folder of NIfTI images (sex/age from cases.csv or truth/cases.csv)")
+    g.add_argument("--series", help="folder of one existing DICOM series")
+    p.add_argument("--seed", default=0, help="UID seed for converted volumes (same seed, same UIDs)")
+    p.add_argument("--study-uid")
+    p.add_argument("--series-uid")
+    p.add_argument("--patient-id")
+    p.add_argument("--sex")
+    p.add_argument("--age")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("run-dicom", help="start Orthanc, store the studies in it as DICOM, start the server on it")
+    p.add_argument("--studies", default="sample-apps/studies")
+    p.add_argument("--app", default="apps/sentinel")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    p.add_argument("--orthanc-dir", help="keep Orthanc's storage here (default: a temporary folder, removed at exit)")
+    p.add_argument("--cache", help="MONAI Label's DICOMweb cache folder (default: a temporary folder)")
+    p.add_argument("--real-series", help="also load this DICOM series folder (UIDs assigned, like a series "
+                   "anonymised down to empty UIDs)")
+    p.add_argument("--wait", type=float, default=600)
+    p.set_defaults(func=run_dicom)
