@@ -84,7 +84,13 @@ class _Target:
 
     def label_names(self) -> dict[int, str]:
         if self.remote:
-            labels = self._get("/info/").json().get("labels") or {}
+            info = self._get("/info/").json()
+            # The models' own name -> id maps (info["labels"] is a list of names, as OHIF needs it).
+            names = {int(v): str(k) for m in (info.get("models") or {}).values()
+                     if isinstance(m.get("labels"), dict) for k, v in m["labels"].items()}
+            if names:
+                return names
+            labels = info.get("labels") or {}
             if isinstance(labels, dict):
                 return {int(v): str(k) for k, v in labels.items()}
             return {i + 1: str(n) for i, n in enumerate(labels)}

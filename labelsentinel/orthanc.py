@@ -127,7 +127,9 @@ class Orthanc:
             "StableAge": 1,
             "OverwriteInstances": True,
             "HttpTimeout": 60,
+            # Host: the address written into RetrieveURL (OHIF's Next Sample dialog links to it).
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                         "Host": f"127.0.0.1:{self.http_port}",
                          "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
         }
 

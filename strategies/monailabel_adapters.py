@@ -257,6 +257,10 @@ class BudgetStrategy(Strategy):
         out["left_minutes"] = None if plan["budget_minutes"] is None else round(plan["budget_minutes"] - used_minutes, 3)
         return out
 
+    def info(self):
+        # The budget itself is the lead's (`labelsentinel plan`); an annotator's panel only sets the lease.
+        return {"description": self.description, "config": {"lease_minutes": float(self.lease_minutes)}}
+
     def __call__(self, request, datastore: Datastore):
         store = self._store()
         client = str(request.get("client_id") or "anonymous")
@@ -265,7 +269,7 @@ class BudgetStrategy(Strategy):
             return self.status(store, datastore)
         labeled = set(datastore.get_labeled_images())
         busy = store.leased_by_others(client)
-        ttl = 60.0 * self.lease_minutes
+        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
         served = list(plan.get("served", []))
         for c in plan["cases"]:
             cid = c["case_id"]

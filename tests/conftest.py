@@ -96,3 +96,27 @@ def studies_copy(sample_studies, tmp_path):
 
 def pytest_report_header(config):
     return f"python {sys.version.split()[0]}; repo {REPO}"
+
+
+CHROMIUM = "/usr/bin/chromium"
+# As root in a container Chromium needs --no-sandbox; the rest keeps it off the network (this machine's closed
+# network refuses Google's update, sync and font hosts) and on software rendering.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--enable-unsafe-swiftshader"]
+
+
+def ensure_chromium() -> str:
+    """Debian's Chromium, installed with apt-get when missing (CI machines are fresh); playwright drives it."""
+    if os.path.isfile(CHROMIUM):
+        return CHROMIUM
+    apt = shutil.which("apt-get")
+    if not apt or os.geteuid() != 0:
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run([apt, "install", "-y", "-q", "chromium"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        subprocess.run([apt, "update"], env=env, capture_output=True)
+        r = subprocess.run([apt, "install", "-y", "-q", "chromium"], env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not os.path.isfile(CHROMIUM):
+        pytest.fail(f"apt-get install chromium failed ({r.returncode}): {r.stderr[-500:]}")
+    return CHROMIUM

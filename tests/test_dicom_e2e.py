@@ -275,6 +275,98 @@ def test_quality_scoring_and_strategy_over_series(server, loaded):
     assert a["id"] in set(loaded.values()) and a["predicted_dice"] is not None
 
 
+# ---------------------------------------------------------------------------------------------- OHIF in a browser
+def test_ohif_in_chromium_lists_our_strategies_and_opens_the_case_quality_chose(server, pacs, loaded):
+    """The OHIF viewer the server serves, in headless Chromium: the MONAI Label panel connects to this server
+    (on its own port), the Active Learning panel lists our strategies and their options, an option changed in
+    the panel goes back with the request, and Next Sample opens the study of the series the quality strategy
+    chose (the worst-ranked unlabeled series not out with another annotator)."""
+    from conftest import CHROMIUM_ARGS, ensure_chromium
+    from playwright.sync_api import sync_playwright
+
+    from labelsentinel.dicom import dicomweb_client
+    from labelsentinel.strategies.ranking import rank_cases
+
+    chromium = ensure_chromium()
+    first_study = requests.get(f"{server.url}/proxy/dicom/qido/studies", timeout=60).json()[0]["0020000D"]["Value"][0]
+    q = requests.get(f"{server.url}/labelsentinel/quality", timeout=60).json()
+    me = "anonymous@127.0.0.1"  # OHIF sends no client_id: the server names it after the client's address
+    others = {c for c, lease in q["leases"].items() if lease["client_id"] != me}
+    records = [r["record"] for r in q["records"] if r["record"] and not r["has_final"]]
+    ranked = rank_cases(records, "min", None, threshold=0.999, exclude=others)
+    assert ranked, q
+    want_series = ranked[0].case_id
+    found = dicomweb_client(pacs.dicomweb_url).search_for_series(search_filters={"SeriesInstanceUID": want_series})
+    want_study = found[0]["0020000D"]["Value"][0]
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.on("dialog", lambda d: d.accept())  # "This action will reload current page. Are you sure?"
+            wado = []
+            page.on("request", lambda r: wado.append(r.url) if "/proxy/dicom/wado/studies/" in r.url else None)
+            # The study list, through the server's DICOMweb proxy.
+            page.goto(f"{server.url}/ohif/", wait_until="networkidle", timeout=120_000)
+            page.wait_for_selector("text=case_000", timeout=60_000)
+            assert "totalseg_dicom" in page.inner_text("body")
+            # A study in MONAI Label mode: the panel's server address is this server (cookie set with the page).
+            page.goto(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={first_study}", wait_until="networkidle",
+                      timeout=120_000)
+            assert page.input_value("#monailabelServerURL", timeout=60_000) == server.url + "/"
+            page.get_by_role("button", name="Confirm and Hide").click()  # OHIF's "investigational use" banner
+            page.click("table.settingsTable button")  # connect
+            page.wait_for_selector("label:has-text('Active Learning')", timeout=60_000)
+            strategy = page.locator("tr:has-text('Strategy:') select")
+            offered = strategy.evaluate("e => [...e.options].map(o => o.value)")
+            assert {"quality", "budget", "review"} <= set(offered), offered
+            # Options / Configurations: our strategies' options; change one and confirm.
+            page.click("text=Options / Configurations")
+            page.locator("select[name=selectSection]").select_option("activelearning")
+            names = page.locator("select[name=selectName]")
+            assert {"quality", "budget", "review"} <= set(names.evaluate("e => [...e.options].map(o => o.value)"))
+            names.select_option("quality")
+            table = page.inner_text(".optionsForm")
+            for key in ("aggregate", "structures", "good_enough", "label_tag"):
+                assert key in table, table
+            page.locator(".optionsForm tr:has-text('good_enough') input").fill("0.999")
+            page.get_by_role("button", name="Confirm", exact=True).click()
+            page.wait_for_selector(".optionsForm", state="detached", timeout=30_000)
+            # Next Sample with the quality strategy (the Active Learning section opens and closes on a click).
+            next_sample = page.get_by_role("button", name="Next Sample")
+            if not next_sample.is_visible():
+                page.click("label:has-text('Active Learning')")
+            next_sample.wait_for(state="visible", timeout=30_000)
+            # The drop-down starts on the app's first strategy and sets the one asked for (MONAI Label 0.8.5's
+            # panel always asked for "random"; the app serves it fixed).
+            assert strategy.input_value() == "quality"
+            strategy.select_option("first")
+            with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=120_000) as resp:
+                next_sample.click()
+            assert resp.value.url.endswith("/activelearning/first"), resp.value.url
+            page.wait_for_selector(".nextSampleForm", timeout=60_000)
+            page.keyboard.press("Escape")
+            page.wait_for_selector(".nextSampleForm", state="detached", timeout=30_000)
+            strategy.select_option("quality")
+            with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=120_000) as resp:
+                next_sample.click()
+            assert resp.value.url.endswith("/activelearning/quality"), resp.value.url
+            sent = json.loads(resp.value.request.post_data or "{}")
+            got = resp.value.json()
+            assert float(sent.get("good_enough")) == 0.999, sent
+            assert got["id"] == want_series and got["client_id"] == me, (got, ranked[:3])
+            form = page.locator(f".nextSampleForm:has-text('{want_series}')")
+            form.wait_for(timeout=60_000)
+            assert want_study in form.inner_text()
+            wado.clear()
+            form.get_by_role("button", name="OK").click()
+            page.wait_for_url(f"**StudyInstanceUIDs={want_study}**", timeout=60_000)
+            page.wait_for_load_state("networkidle", timeout=120_000)
+            assert any(f"/studies/{want_study}/series/{want_series}" in u for u in wado), wado[:5]
+        finally:
+            browser.close()
+
+
 # ---------------------------------------------------------------------------------------------- Slicer
 def test_slicer_workflow_saves_a_dicom_seg_and_trains(server, pacs, loaded, tmp_path):
     from monailabel.client import MONAILabelClient
@@ -299,7 +391,7 @@ def test_slicer_workflow_saves_a_dicom_seg_and_trains(server, pacs, loaded, tmp_
     corrected = str(tmp_path / "corrected.nii.gz")
     nib.save(nib.Nifti1Image(arr.astype(np.uint8), mask.affine), corrected)
     info = client.info()
-    by_id = {int(v): k for k, v in info["labels"].items()}
+    by_id = {int(v): k for k, v in info["models"]["segmentation"]["labels"].items()}
     label_info = [{"name": by_id.get(v, f"s{v}"), "idx": v} for v in present[1:]]
     res = client.save_label(image_id, corrected, tag="final", params={"label_info": label_info})
     assert res["image"] == image_id and "corrections" in res

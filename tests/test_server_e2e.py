@@ -56,7 +56,9 @@ def test_info_lists_app_models_and_unreadable_studies(client, server):
     assert "segmentation" in info["models"]
     assert "segmentation" in info["trainers"]
     assert {"random", "first"} <= set(info["strategies"])
-    assert info["labels"]["liver"] == 5 and info["labels"]["aorta"] == 52
+    # info["labels"]: names in id order, a list as OHIF's MONAI Label panel needs; the model keeps name -> id.
+    assert info["models"]["segmentation"]["labels"]["liver"] == 5 and info["models"]["segmentation"]["labels"]["aorta"] == 52
+    assert isinstance(info["labels"], list) and info["labels"][4] == "liver" and info["labels"][-1] == "inferior_vena_cava"
     bad = info["labelsentinel"]["unreadable_images"]
     assert set(bad) == set(CORRUPT)
     assert "truncated.nii.gz" in bad["truncated"] and "cannot be read" in bad["truncated"]

@@ -66,8 +66,18 @@ class SentinelApp(MONAILabelApp):
             name="Label Sentinel",
             description="Label-quality estimation and quality-driven annotation",
             version=f"{__version__} (monailabel {monailabel.__version__})",
-            labels=next(iter(self.configs.values())).labels if self.configs else None,
+            # A list of names in id order, as MONAI Label's own apps give it: OHIF's MONAI Label panel calls
+            # info["labels"].push(...) and failed to connect at all when it was a name -> id mapping.
+            labels=self._label_list(),
         )
+
+    def _label_list(self) -> list[str] | None:
+        if not self.configs:
+            return None
+        labels = next(iter(self.configs.values())).labels
+        if isinstance(labels, dict):
+            return [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        return list(labels) if labels else None
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, HTTPException, Request
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def register_routes(app_instance) -> None:
 
     fastapi_app.include_router(router)
     register_ohif_route(fastapi_app)
+    register_activelearning_route(fastapi_app)
     logger.info("Label Sentinel REST routes: /labelsentinel/quality, /labelsentinel/budget, /labelsentinel/demographics")
 
 
@@ -102,15 +103,63 @@ def image_demographics(app_instance) -> dict:
     return {"source": source, "images": out}
 
 
+SERVER_COOKIE = "MONAILABEL_SERVER_URL"
+
+# MONAI Label 0.8.5's OHIF panel (bundle of extensions/monai-label, ActiveLearning.tsx) binds the strategy
+# drop-down to ``this.onChangeStrategy``, which it never defines: whatever an annotator picks, Next Sample asks
+# for "random". Served patched: the drop-down sets the strategy, and it starts on the app's first strategy
+# (``quality`` for this app) instead of "random".
+_OHIF_STRATEGY_PATCHES = (
+    ("onChange: this.onChangeStrategy,", "onChange: evt => this.setState({ strategy: evt.target.value }),"),
+    ("      strategy: 'random',\n      training: false,",
+     "      strategy: props.info && props.info.data && props.info.data.strategies && "
+     "Object.keys(props.info.data.strategies).length ? Object.keys(props.info.data.strategies)[0] : 'random',\n"
+     "      training: false,"),
+)
+_patched_scripts: dict = {}
+
+
+def patched_ohif_script(path: str) -> bytes | None:
+    """The patched text of an OHIF script that needs it, else None (cached per file and modification time)."""
+    import os
+
+    try:
+        key = (path, os.path.getmtime(path))
+    except OSError:
+        return None
+    if key not in _patched_scripts:
+        with open(path, "rb") as f:
+            raw = f.read()
+        out = None
+        if b"this.onChangeStrategy" in raw and b"this.onChangeStrategy =" not in raw:
+            text = raw.decode("utf-8")
+            for a, b in _OHIF_STRATEGY_PATCHES:
+                if a in text:
+                    text = text.replace(a, b, 1)
+                else:
+                    logger.warning(f"OHIF strategy patch: {a[:40]!r} not found in {os.path.basename(path)}")
+            out = text.encode("utf-8")
+            logger.info(f"OHIF: serving {os.path.basename(path)} with the strategy drop-down fixed")
+        _patched_scripts[key] = out
+    return _patched_scripts[key]
+
+
 def register_ohif_route(fastapi_app) -> None:
     """Serve OHIF's files under sub-folders (``/ohif/assets/...``): MONAI Label 0.8.5 joins the path with
     ``os.pathsep`` (':') instead of '/', so every such file fell back to index.html. Our route is put in front
     of MONAI Label's; anything that is not a file under the OHIF folder still gets index.html (OHIF's own
-    client-side routes), as before."""
+    client-side routes), as before.
+
+    OHIF's MONAI Label panel reads the server address from the cookie ``MONAILABEL_SERVER_URL`` and, without
+    one, guesses ``http://HOST:8000/``: with the page we also set that cookie to this server's own address
+    (unless the annotator already chose one; the guessed :8000 default does not count as a choice), so the
+    panel connects to the server that serves it, whatever its port."""
     import os
+    from urllib.parse import quote, unquote
+
 
     from fastapi import Depends
-    from fastapi.responses import FileResponse
+    from fastapi.responses import FileResponse, Response
     from monailabel.config import settings
     from monailabel.endpoints.user.auth import RBAC, User
     from monailabel.utils.others.generic import get_mime_type
@@ -121,14 +170,26 @@ def register_ohif_route(fastapi_app) -> None:
         return
     ohif_dir = os.path.realpath(os.path.join(os.path.dirname(ep.__file__), "static", "ohif"))
 
-    async def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    async def ohif_file(request: Request, path: str = "",
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
         index = os.path.join(ohif_dir, "index.html")
         file = os.path.realpath(os.path.join(ohif_dir, path)) if path else index
         if not (file.startswith(ohif_dir + os.sep) and os.path.isfile(file)):
             file = index
         if not os.path.isfile(file):
             raise HTTPException(status_code=404, detail="OHIF is not installed in this MONAI Label")
-        return FileResponse(file, media_type=get_mime_type(file))
+        patched = patched_ohif_script(file) if file.endswith(".js") else None
+        if patched is not None:
+            return Response(patched, media_type="application/javascript")
+        response = FileResponse(file, media_type=get_mime_type(file))
+        if file == index:
+            here = str(request.base_url)
+            chosen = unquote(request.cookies.get(SERVER_COOKIE) or "")  # JavaScript escape()d it
+            guessed = f"http://{request.url.hostname}:8000/"
+            if not chosen or chosen in ("undefined", "null") or (chosen == guessed and here != guessed):
+                # JavaScript's unescape() reads it back; Path=/ohif is where the panel's own cookie lives.
+                response.headers.append("set-cookie", f"{SERVER_COOKIE}={quote(here, safe='')}; Path=/ohif; SameSite=Lax")
+        return response
 
     fastapi_app.add_api_route("/ohif/{path:path}", ohif_file, methods=["GET"], include_in_schema=False,
                               name="labelsentinel_ohif")
@@ -136,5 +197,34 @@ def register_ohif_route(fastapi_app) -> None:
     # (FastAPI keeps included routers as one entry), so "just before it" is not addressable.
     routes = fastapi_app.router.routes
     ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_ohif")
+    routes.remove(ours)
+    routes.insert(0, ours)
+
+
+def register_activelearning_route(fastapi_app) -> None:
+    """``POST /activelearning/{strategy}`` as MONAI Label answers it, but a request without a ``client_id``
+    (OHIF's MONAI Label panel never sends one) gets ``anonymous@<client address>``: annotators on different
+    machines are told apart, so the quality and budget strategies do not serve them the same case while it is
+    out. Slicer and scripts that send their own ``client_id`` are unchanged."""
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.activelearning import sample
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    if any(getattr(r, "name", "") == "labelsentinel_activelearning" for r in fastapi_app.router.routes):
+        return
+
+    async def next_sample(strategy: str, request: Request, params: dict | None = Body(None),
+                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        params = dict(params or {})
+        if not params.get("client_id"):
+            host = request.client.host if request.client else "unknown"
+            params["client_id"] = f"anonymous@{host}"
+        return sample(strategy, params, user.username)
+
+    fastapi_app.add_api_route("/activelearning/{strategy}", next_sample, methods=["POST"], include_in_schema=False,
+                              name="labelsentinel_activelearning")
+    routes = fastapi_app.router.routes
+    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_activelearning")
     routes.remove(ours)
     routes.insert(0, ours)
