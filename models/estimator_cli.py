@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
         raise VolumeError(f"no (image, label) pairs found in {', '.join(sources)}")
     train(pairs, args.out, epochs=args.epochs, per_structure=args.per_structure, val_fraction=args.val_fraction,
           seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device, workers=args.workers,
-          val_cases=args.val_case or None)
+          val_cases=args.val_case or None, samples_cache=args.samples_cache,
+          **({"low_dice_weight": args.low_dice_weight} if args.low_dice_weight is not None else {}))
     return 0
 
 
@@ -144,5 +145,9 @@ def register(sub) -> None:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=2, help="processes that make the degraded samples")
+    t.add_argument("--low-dice-weight", type=float, default=None,
+                   help="MSE weight of labels with true Dice <= 0.3 (falls to 1 at 0.9; default 3)")
+    t.add_argument("--samples-cache", help="keep the degraded samples in this .npz and reuse them when the pairs, "
+                   "--per-structure and --seed are the same")
     t.add_argument("--device", default="cpu")
     t.set_defaults(func=cmd_train)

@@ -7,9 +7,11 @@ and, for the demo studies, ``truth/``), a CSV with ``image,label`` columns, or `
 
 Loss (per batch):
 
-* weighted MSE, weight ``w(y) = 1 + 6 * clip((0.9 - y) / 0.6, 0, 1)``: 7 for true Dice <= 0.3, falling
-  linearly to 1 at 0.9 and above. Bad labels are rarer in the data and they are the ones a team must not
-  miss, so their errors cost more (the same shape as Quality Sentinel's weighting);
+* weighted MSE, weight ``w(y) = 1 + (LOW_DICE_WEIGHT - 1) * clip((0.9 - y) / 0.6, 0, 1)``: 3 for true Dice
+  <= 0.3, falling linearly to 1 at 0.9 and above. Bad labels are rarer in the data and they are the ones a
+  team must not miss, so their errors cost more (the same shape as Quality Sentinel's weighting). Not more:
+  a weight that depends on the target pulls every uncertain prediction towards the low targets, and with 7
+  (the first default) the estimator called perfect labels of the real CT 0.86 on average;
 * + ``RANK_WEIGHT`` (0.5) x a within-structure pair-ranking hinge: for every pair of samples of the same
   structure in the batch whose true Dice differ by more than 0.02, ``relu(-(p_i - p_j) * (y_i - y_j))``
   averaged over pairs. Ranking cases correctly within one structure is exactly what the annotation
@@ -48,6 +50,7 @@ from labelsentinel.models.estimator import (
 )
 
 RANK_WEIGHT = 0.5
+LOW_DICE_WEIGHT = 3.0
 TRAIN_KINDS = tuple(k for k in D.KINDS if k != "empty")  # an empty structure has nothing to score
 
 
@@ -59,8 +62,8 @@ class Pair:
     names: dict
 
 
-def weight(y: torch.Tensor) -> torch.Tensor:
-    return 1.0 + 6.0 * torch.clamp((0.9 - y) / 0.6, 0.0, 1.0)
+def weight(y: torch.Tensor, low: float = LOW_DICE_WEIGHT) -> torch.Tensor:
+    return 1.0 + (low - 1.0) * torch.clamp((0.9 - y) / 0.6, 0.0, 1.0)
 
 
 def pair_ranking_loss(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -157,6 +160,36 @@ def make_samples(pairs: list[Pair], per_structure: int, seed: int, kinds=TRAIN_K
     }
 
 
+def _cache_key(pairs: list[Pair], per_structure: int, seed: int) -> str:
+    import hashlib
+
+    desc = json.dumps({"pairs": [[p.case, os.path.abspath(p.image), os.path.abspath(p.label),
+                                  os.path.getsize(p.label), os.path.getmtime(p.label)] for p in pairs],
+                       "per_structure": per_structure, "seed": seed, "kinds": list(TRAIN_KINDS)}, sort_keys=True)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def save_samples_cache(path: str, data: dict, pairs: list[Pair], per_structure: int, seed: int) -> None:
+    """The degraded samples in one .npz, to train again (other epochs, learning rate) without making them."""
+    arrays = {k: v for k, v in data.items() if k != "name"}
+    arrays["name"] = np.asarray(["" if n is None else str(n) for n in data["name"]])
+    arrays["name_known"] = np.asarray([n is not None for n in data["name"]])
+    np.savez(path, key=np.asarray(_cache_key(pairs, per_structure, seed)), **arrays)
+
+
+def load_samples_cache(path: str, pairs: list[Pair], per_structure: int, seed: int) -> dict | None:
+    """The cached samples if the file exists and was made from the same pairs, count and seed; else None."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["key"]) != _cache_key(pairs, per_structure, seed):
+            print(f"  {path}: made from other pairs or settings, making the samples again", file=sys.stderr)
+            return None
+        data = {k: z[k] for k in z.files if k not in ("key", "name", "name_known")}
+        data["name"] = [str(n) if k else None for n, k in zip(z["name"], z["name_known"])]
+    return data
+
+
 class _Serial:
     def __enter__(self):
         return self
@@ -225,6 +258,8 @@ def train(
     workers: int = 2,
     val_cases: list[str] | None = None,
     progress: bool = True,
+    low_dice_weight: float = LOW_DICE_WEIGHT,
+    samples_cache: str | None = None,
 ) -> dict:
     from labelsentinel.models.name_embedding import default_table
 
@@ -240,8 +275,14 @@ def train(
     log(f"estimator training: {len(pairs)} pairs, {len(cases)} cases ({len(val_cases)} for validation), "
         f"{per_structure} degradations per structure")
     t0 = time.time()
-    data = make_samples(pairs, per_structure, seed, workers=workers, progress=progress)
-    log(f"  {len(data['y'])} samples in {time.time() - t0:.0f} s; true Dice mean {data['y'].mean():.3f}")
+    data = load_samples_cache(samples_cache, pairs, per_structure, seed) if samples_cache else None
+    if data is not None:
+        log(f"  {len(data['y'])} samples read from {samples_cache}")
+    else:
+        data = make_samples(pairs, per_structure, seed, workers=workers, progress=progress)
+        log(f"  {len(data['y'])} samples in {time.time() - t0:.0f} s; true Dice mean {data['y'].mean():.3f}")
+        if samples_cache:
+            save_samples_cache(samples_cache, data, pairs, per_structure, seed)
 
     table = default_table()
     emb = np.stack([table.lookup(n)[0] for n in data["name"]]).astype(np.float32)
@@ -275,9 +316,12 @@ def train(
             j = tr[b]
             y = T(data["y"][j])
             p = net(T(data["crop"][j].astype(np.float32)), T(featn[j]), T(emb[j]))
-            loss = (weight(y) * (p - y) ** 2).mean() + RANK_WEIGHT * pair_ranking_loss(p, y, T(data["sid"][j]))
+            loss = (weight(y, low_dice_weight) * (p - y) ** 2).mean() + RANK_WEIGHT * pair_ranking_loss(p, y, T(data["sid"][j]))
             opt.zero_grad()
             loss.backward()
+            # Without clipping a run could collapse to a constant prediction (the sigmoid saturated) after a
+            # few epochs at this learning rate.
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             tl += float(loss.detach())
             nb += 1
@@ -313,7 +357,7 @@ def train(
             "structures": sorted({str(n) for n in data["name"]}),
             "epochs": epochs,
             "seed": seed,
-            "loss": {"weighted_mse": "1 + 6*clip((0.9-y)/0.6, 0, 1)", "rank_weight": RANK_WEIGHT},
+            "loss": {"weighted_mse": f"1 + {low_dice_weight - 1:g}*clip((0.9-y)/0.6, 0, 1)", "rank_weight": RANK_WEIGHT},
             "seconds": round(time.time() - t0, 1),
             "command": " ".join(["labelsentinel"] + sys.argv[1:]) if sys.argv and "labelsentinel" in sys.argv[0] else "",
         },
