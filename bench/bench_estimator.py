@@ -3,7 +3,10 @@
 Held-out sets (none of them seen in training):
 - real CT: new random degradations (seed 777; training used seed 0) of every structure of the real CT's
   TotalSegmentator label (61 structures);
-- phantoms: 6 new phantom cases (seed 3000; training used seed 2000), every structure degraded.
+- phantoms: 6 new phantom cases (seed 3000; training used seed 2000), every structure degraded, plus the
+  predictions of a segmentation network trained from scratch on them at early checkpoints (kind
+  ``model_checkpoint``; the real CT's 61 structures are too many for that network, see
+  models/checkpoint_predictions.py).
 Figures: Pearson, Spearman and MAE against the true Dice, overall and per degradation kind, for the
 estimator and for the trivial shape-only baseline (ridge regression on the global mask features, fitted on
 the same training samples, stored in the checkpoint). Speed: seconds per 3D structure mask on this CPU,
@@ -60,6 +63,7 @@ def main():
     torch.set_num_threads(2)
 
     from labelsentinel.io import load_image, load_label, load_label_names
+    from labelsentinel.models.checkpoint_predictions import DEFAULT_ITERATIONS
     from labelsentinel.models.estimator import QualityEstimator
     from labelsentinel.models.estimator_train import Pair, find_pairs, make_samples
     from labelsentinel.sampledata import generate
@@ -72,7 +76,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         generate(tmp, cases=6, seed=3000, real_ct=False, progress=False)
         print("held-out phantom cases ...", file=sys.stderr)
-        ph = make_samples(find_pairs([tmp]), args.per_structure, seed=777)
+        # + predictions of the segmentation network at early checkpoints (a network trained from scratch on
+        # these 6 new phantoms, seed 777): kind model_checkpoint
+        ph = make_samples(find_pairs([tmp]), args.per_structure, seed=777, checkpoint_iterations=DEFAULT_ITERATIONS)
 
     md_parts = []
     summary = {}

@@ -165,7 +165,7 @@ def part_calibration(args):
             rng = np.random.default_rng([6000, i, 1])
             lab, dices = make(truth, rng)
             pred = {s["id"]: s["predicted_dice"] for s in est.predict(img, lab, SPACING, PHANTOM_LABELS)}
-            cases.append([(pred[k], dices[k]) for k in pred if k in dices])
+            cases.append([(pred[k], dices[k], k) for k in pred if k in dices])
         print(f"  calibration ({key}): 60 labels scored in {time.time() - t0:.0f} s", flush=True)
         test = np.array([p for c in cases[20:] for p in c])
         raw = float(np.mean(np.abs(test[:, 0] - test[:, 1])))
@@ -175,9 +175,11 @@ def part_calibration(args):
             for draw in range(10):
                 pick = np.random.default_rng([draw, k]).choice(20, k, replace=False)
                 fit = np.array([p for j in pick for p in cases[j]])
-                cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior)
-                maes.append(float(np.mean(np.abs(cal.apply(test[:, 0]) - test[:, 1]))))
-                covers.append(float(np.mean(test[:, 1] >= cal.lower_bound(test[:, 0], 0.1))))
+                # per structure (as the server fits them: grouped by structure)
+                cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior, groups=fit[:, 2].astype(int))
+                g = test[:, 2].astype(int)
+                maes.append(float(np.mean(np.abs(cal.apply(test[:, 0], g) - test[:, 1]))))
+                covers.append(float(np.mean(test[:, 1] >= cal.lower_bound(test[:, 0], 0.1, group=g))))
             rows.append((f"{k} corrected cases ({k * 8} pairs)", float(np.mean(maes)), float(np.std(maes)),
                          float(np.mean(covers))))
         md += [f"**Source `{key}`**: {desc}; mean true Dice {test[:, 1].mean():.3f}, mean raw prediction "

@@ -7,6 +7,9 @@ training data cannot give: the error profile of *this* project's pseudo-label so
 - a **monotone map** (isotonic regression by pool-adjacent-violators, blended with the identity while there
   are few pairs) from the raw prediction to the expected true Dice. Monotone, so the ranking of the labels of
   one structure never changes, only the values do;
+- **per-structure offsets**: what is left after the map, averaged per structure and shrunk towards 0
+  (``sum of residuals / (n_structure + GROUP_PRIOR)``): a source that over-segments costs a small structure
+  more Dice than a large one, which one monotone map over all structures cannot follow;
 - **conformal residual quantiles** (split-conformal on the absolute residuals of the calibrated
   prediction): with ``n`` pairs, ``P(true >= calibrated - q_alpha) >= 1 - alpha`` for a new label from the
   same source. ``lower_bound`` is what the pseudo-label selection trusts.
@@ -24,6 +27,7 @@ import numpy as np
 
 MIN_PAIRS = 3  # below this the map is the identity and the bound is the estimator's validation error
 PRIOR_PAIRS = 10.0  # the map is blended with the identity with weight PRIOR_PAIRS / (PRIOR_PAIRS + n)
+GROUP_PRIOR = 5.0  # a structure's offset is shrunk as if GROUP_PRIOR more of its pairs had a residual of 0
 
 
 def isotonic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -65,17 +69,22 @@ class Calibration:
     residuals: list = field(default_factory=list)  # sorted |true - calibrated| of the fitting pairs
     mae_before: float | None = None  # on the fitting pairs, raw predictions (in-sample)
     mae_after: float | None = None  # on the fitting pairs, leave-one-out calibrated predictions
+    offsets: dict = field(default_factory=dict)  # structure (name or id, as text) -> additive correction
 
     @classmethod
     def identity(cls, prior_mae: float = 0.1) -> "Calibration":
         return cls(prior_mae=float(prior_mae))
 
     @classmethod
-    def fit(cls, predicted, true, prior_mae: float = 0.1) -> "Calibration":
+    def fit(cls, predicted, true, prior_mae: float = 0.1, groups=None) -> "Calibration":
+        """``groups``: the structure of every pair (name or id); per-structure offsets are fitted when given."""
         p = np.clip(np.asarray(predicted, float), 0, 1)
         t = np.clip(np.asarray(true, float), 0, 1)
         if len(p) != len(t):
             raise ValueError(f"{len(p)} predictions but {len(t)} true values")
+        g = None if groups is None else np.asarray([str(x) for x in groups])
+        if g is not None and len(g) != len(p):
+            raise ValueError(f"{len(p)} predictions but {len(g)} structures")
         n = len(p)
         if n < MIN_PAIRS:
             c = cls.identity(prior_mae)
@@ -90,19 +99,34 @@ class Calibration:
             m[i] = False
             xi, yi = isotonic_fit(p[m], t[m])
             loo[i] = cls(xs=xi.tolist(), ys=yi.tolist(), n=n - 1, prior_mae=prior_mae).apply(p[i])
+        if g is not None:
+            r = t - c.apply(p)
+            sums = {k: float(r[g == k].sum()) for k in np.unique(g)}
+            counts = {k: int((g == k).sum()) for k in sums}
+            c.offsets = {k: sums[k] / (counts[k] + GROUP_PRIOR) for k in sums}
+            # leave-one-out offsets too: the pair's own residual taken out of its structure's sum
+            loo = loo + np.array([(sums[k] - r[i]) / (counts[k] - 1 + GROUP_PRIOR) for i, k in enumerate(g)])
+            loo = np.clip(loo, 0, 1)
         c.residuals = sorted(np.abs(t - loo).tolist())
         c.mae_before = float(np.mean(np.abs(t - p)))
         c.mae_after = float(np.mean(np.abs(t - loo)))
         return c
 
-    def apply(self, predicted):
-        """Calibrated predicted Dice (same shape as ``predicted``)."""
+    def apply(self, predicted, group=None):
+        """Calibrated predicted Dice (same shape as ``predicted``); ``group``: the structure (name or id), one
+        for all or one per prediction, adds its offset (none for a structure without real pairs)."""
         p = np.clip(np.asarray(predicted, float), 0, 1)
         if self.n < MIN_PAIRS or not self.xs:
             return p if p.ndim else float(p)
         mapped = np.interp(p, np.asarray(self.xs), np.asarray(self.ys))
         a = PRIOR_PAIRS / (PRIOR_PAIRS + self.n)
-        out = np.clip(a * p + (1 - a) * mapped, 0, 1)
+        out = a * p + (1 - a) * mapped
+        if group is not None and self.offsets:
+            if p.ndim and not isinstance(group, (str, int)):
+                out = out + np.array([self.offsets.get(str(k), 0.0) for k in group])
+            else:
+                out = out + self.offsets.get(str(group), 0.0)
+        out = np.clip(out, 0, 1)
         return out if out.ndim else float(out)
 
     def quantile(self, alpha: float = 0.1) -> float:
@@ -113,16 +137,17 @@ class Calibration:
         k = math.ceil((len(r) + 1) * (1 - alpha))
         return float(r[-1]) if k > len(r) else float(r[k - 1])
 
-    def lower_bound(self, predicted, alpha: float = 0.1):
-        b = np.clip(np.asarray(self.apply(predicted)) - self.quantile(alpha), 0, 1)
+    def lower_bound(self, predicted, alpha: float = 0.1, group=None):
+        b = np.clip(np.asarray(self.apply(predicted, group)) - self.quantile(alpha), 0, 1)
         return b if b.ndim else float(b)
 
     def to_dict(self) -> dict:
         return {"xs": self.xs, "ys": self.ys, "n": self.n, "prior_mae": self.prior_mae, "residuals": self.residuals,
-                "mae_before": self.mae_before, "mae_after": self.mae_after}
+                "mae_before": self.mae_before, "mae_after": self.mae_after, "offsets": self.offsets}
 
     @classmethod
     def from_dict(cls, d: dict | None, prior_mae: float = 0.1) -> "Calibration":
         if not d:
             return cls.identity(prior_mae)
-        return cls(**{k: d[k] for k in ("xs", "ys", "n", "prior_mae", "residuals", "mae_before", "mae_after") if k in d})
+        return cls(**{k: d[k] for k in ("xs", "ys", "n", "prior_mae", "residuals", "mae_before", "mae_after", "offsets")
+                      if k in d})

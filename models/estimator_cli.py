@@ -114,6 +114,7 @@ def cmd_train(args) -> int:
     train(pairs, args.out, epochs=args.epochs, per_structure=args.per_structure, val_fraction=args.val_fraction,
           seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device, workers=args.workers,
           val_cases=args.val_case or None, samples_cache=args.samples_cache,
+          checkpoint_iterations=tuple(int(x) for x in str(args.checkpoint_predictions).split(",") if x.strip()),
           **({"low_dice_weight": args.low_dice_weight} if args.low_dice_weight is not None else {}))
     return 0
 
@@ -147,6 +148,9 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, default=2, help="processes that make the degraded samples")
     t.add_argument("--low-dice-weight", type=float, default=None,
                    help="MSE weight of labels with true Dice <= 0.3 (falls to 1 at 0.9; default 3)")
+    t.add_argument("--checkpoint-predictions", default="",
+                   help="also learn from the predictions of the segmentation network (the app's small UNet, trained "
+                        "from scratch on the same pairs) at these early iterations, comma separated, e.g. 20,40,80,160")
     t.add_argument("--samples-cache", help="keep the degraded samples in this .npz and reuse them when the pairs, "
                    "--per-structure and --seed are the same")
     t.add_argument("--device", default="cpu")

@@ -132,9 +132,43 @@ def _samples_for_pair(args):
     return pair.case, out
 
 
+def _checkpoint_samples(pairs: list[Pair], iterations, seed: int, acc: dict, progress: bool) -> None:
+    """Samples from the predictions of the segmentation network at early checkpoints (kind
+    ``model_checkpoint``): every structure of a prediction, true Dice against the good label (0 for a
+    structure the good label does not have)."""
+    from labelsentinel.models.checkpoint_predictions import KIND, early_checkpoint_predictions
+
+    uniq: dict = {}
+    for p in pairs:  # a pair listed twice (to weigh it more) is one volume for the network
+        uniq.setdefault((os.path.abspath(p.image), os.path.abspath(p.label)), p)
+    used = list(uniq.values())
+    vols = []
+    for p in used:
+        image, label = load_image(p.image), load_label(p.label)
+        check_same_grid(image, label)
+        vols.append((image.array, label.array, image.spacing))
+    n0 = len(acc["y"])
+    for i, it, pred in early_checkpoint_predictions([(v[0], v[1]) for v in vols], iterations, seed=seed,
+                                                     progress=progress):
+        img, good, sp = vols[i]
+        dices = D.structure_dice(pred, good)
+        for s in extract_samples(img, pred, sp, validate=False):
+            acc["crop"].append(s.crop)
+            acc["feat"].append(s.features)
+            acc["y"].append(dices.get(s.id, 0.0))
+            acc["sid"].append(s.id)
+            acc["kind"].append(KIND)
+            acc["name"].append(used[i].names.get(s.id))
+            acc["case"].append(used[i].case)
+    if progress:
+        print(f"  samples: {len(acc['y']) - n0} from model checkpoints {sorted(iterations)}", file=sys.stderr, flush=True)
+
+
 def make_samples(pairs: list[Pair], per_structure: int, seed: int, kinds=TRAIN_KINDS, workers: int = 2,
-                 progress=True) -> dict:
-    """Degrade every structure ``per_structure`` times; returns stacked arrays with case/kind/structure tags."""
+                 progress=True, checkpoint_iterations=()) -> dict:
+    """Degrade every structure ``per_structure`` times, and add the predictions of the segmentation network
+    at the early ``checkpoint_iterations`` (none by default); returns stacked arrays with case/kind/structure
+    tags."""
     jobs = [(p, per_structure, seed, i, tuple(kinds)) for i, p in enumerate(pairs)]
     acc = {"crop": [], "feat": [], "y": [], "sid": [], "kind": [], "name": [], "case": []}
     t0 = time.time()
@@ -147,6 +181,8 @@ def make_samples(pairs: list[Pair], per_structure: int, seed: int, kinds=TRAIN_K
             if progress:
                 print(f"  samples: [{n}/{len(jobs)}] {case}: {len(out['y'])} ({time.time() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
+    if checkpoint_iterations:
+        _checkpoint_samples(pairs, checkpoint_iterations, seed, acc, progress)
     if not acc["y"]:
         raise ValueError("no training samples: the labels have no structures")
     return {
@@ -160,29 +196,34 @@ def make_samples(pairs: list[Pair], per_structure: int, seed: int, kinds=TRAIN_K
     }
 
 
-def _cache_key(pairs: list[Pair], per_structure: int, seed: int) -> str:
+def _cache_key(pairs: list[Pair], per_structure: int, seed: int, checkpoint_iterations=()) -> str:
     import hashlib
 
-    desc = json.dumps({"pairs": [[p.case, os.path.abspath(p.image), os.path.abspath(p.label),
-                                  os.path.getsize(p.label), os.path.getmtime(p.label)] for p in pairs],
-                       "per_structure": per_structure, "seed": seed, "kinds": list(TRAIN_KINDS)}, sort_keys=True)
+    desc = {"pairs": [[p.case, os.path.abspath(p.image), os.path.abspath(p.label),
+                       os.path.getsize(p.label), os.path.getmtime(p.label)] for p in pairs],
+            "per_structure": per_structure, "seed": seed, "kinds": list(TRAIN_KINDS)}
+    if checkpoint_iterations:
+        desc["checkpoints"] = sorted(int(i) for i in checkpoint_iterations)
+    desc = json.dumps(desc, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
-def save_samples_cache(path: str, data: dict, pairs: list[Pair], per_structure: int, seed: int) -> None:
+def save_samples_cache(path: str, data: dict, pairs: list[Pair], per_structure: int, seed: int,
+                       checkpoint_iterations=()) -> None:
     """The degraded samples in one .npz, to train again (other epochs, learning rate) without making them."""
     arrays = {k: v for k, v in data.items() if k != "name"}
     arrays["name"] = np.asarray(["" if n is None else str(n) for n in data["name"]])
     arrays["name_known"] = np.asarray([n is not None for n in data["name"]])
-    np.savez(path, key=np.asarray(_cache_key(pairs, per_structure, seed)), **arrays)
+    np.savez(path, key=np.asarray(_cache_key(pairs, per_structure, seed, checkpoint_iterations)), **arrays)
 
 
-def load_samples_cache(path: str, pairs: list[Pair], per_structure: int, seed: int) -> dict | None:
+def load_samples_cache(path: str, pairs: list[Pair], per_structure: int, seed: int,
+                       checkpoint_iterations=()) -> dict | None:
     """The cached samples if the file exists and was made from the same pairs, count and seed; else None."""
     if not os.path.isfile(path):
         return None
     with np.load(path, allow_pickle=False) as z:
-        if str(z["key"]) != _cache_key(pairs, per_structure, seed):
+        if str(z["key"]) != _cache_key(pairs, per_structure, seed, checkpoint_iterations):
             print(f"  {path}: made from other pairs or settings, making the samples again", file=sys.stderr)
             return None
         data = {k: z[k] for k in z.files if k not in ("key", "name", "name_known")}
@@ -260,6 +301,7 @@ def train(
     progress: bool = True,
     low_dice_weight: float = LOW_DICE_WEIGHT,
     samples_cache: str | None = None,
+    checkpoint_iterations=(),
 ) -> dict:
     from labelsentinel.models.name_embedding import default_table
 
@@ -275,14 +317,15 @@ def train(
     log(f"estimator training: {len(pairs)} pairs, {len(cases)} cases ({len(val_cases)} for validation), "
         f"{per_structure} degradations per structure")
     t0 = time.time()
-    data = load_samples_cache(samples_cache, pairs, per_structure, seed) if samples_cache else None
+    ck = tuple(checkpoint_iterations or ())
+    data = load_samples_cache(samples_cache, pairs, per_structure, seed, ck) if samples_cache else None
     if data is not None:
         log(f"  {len(data['y'])} samples read from {samples_cache}")
     else:
-        data = make_samples(pairs, per_structure, seed, workers=workers, progress=progress)
+        data = make_samples(pairs, per_structure, seed, workers=workers, progress=progress, checkpoint_iterations=ck)
         log(f"  {len(data['y'])} samples in {time.time() - t0:.0f} s; true Dice mean {data['y'].mean():.3f}")
         if samples_cache:
-            save_samples_cache(samples_cache, data, pairs, per_structure, seed)
+            save_samples_cache(samples_cache, data, pairs, per_structure, seed, ck)
 
     table = default_table()
     emb = np.stack([table.lookup(n)[0] for n in data["name"]]).astype(np.float32)
@@ -353,7 +396,9 @@ def train(
             "pairs": [{"case": p.case, "image": p.image, "label": p.label} for p in pairs],
             "samples": int(len(data["y"])),
             "per_structure": per_structure,
-            "kinds": list(TRAIN_KINDS),
+            "kinds": list(TRAIN_KINDS) + (["model_checkpoint"] if checkpoint_iterations else []),
+            "checkpoint_iterations": sorted(int(i) for i in (checkpoint_iterations or ())),
+            "samples_by_kind": {str(k): int(v) for k, v in zip(*np.unique(data["kind"], return_counts=True))},
             "structures": sorted({str(n) for n in data["name"]}),
             "epochs": epochs,
             "seed": seed,

@@ -72,7 +72,8 @@ def recalibrate(store: Store, version: str, prior_mae: float) -> dict:
     pairs = [r for r in store.corrections(version) if r["predicted"] is not None]
     p = np.array([r["predicted"] for r in pairs], float)
     t = np.array([r["true_dice"] for r in pairs], float)
-    cal = Calibration.fit(p, t, prior_mae=prior_mae)
+    groups = [r["name"] or str(r["id"]) for r in pairs]
+    cal = Calibration.fit(p, t, prior_mae=prior_mae, groups=groups)
     d = cal.to_dict()
     d.update(version=version, ts=time.time(), cases=len({(r["image_id"], r["tag"]) for r in pairs}))
     store.set_setting(calibration_key(version), d)
@@ -102,8 +103,9 @@ def calibrate_records(records: list[dict], cal_for_version) -> list[dict]:
         for s in rec.get("structures", []):
             s = dict(s)
             s["raw_predicted_dice"] = s["predicted_dice"]
-            s["predicted_dice"] = round(float(cal.apply(s["predicted_dice"])), 4)
-            s["lower_bound"] = round(float(cal.lower_bound(s["raw_predicted_dice"])), 4)
+            group = s.get("name") or str(s["id"])
+            s["predicted_dice"] = round(float(cal.apply(s["predicted_dice"], group)), 4)
+            s["lower_bound"] = round(float(cal.lower_bound(s["raw_predicted_dice"], group=group)), 4)
             structs.append(s)
         out.append({**rec, "structures": structs, "calibrated": True})
     return out

@@ -45,7 +45,8 @@ def select_pseudo_labels(records: list[dict], rule: str = "lower_bound", thresho
     for r in records:
         if r["case"] in excluded:
             continue
-        structs = [{**s, "predicted_dice": float(cal.apply(s["predicted_dice"]))} for s in r.get("structures", [])]
+        structs = [{**s, "predicted_dice": float(cal.apply(s["predicted_dice"], s.get("name") or str(s["id"])))}
+                   for s in r.get("structures", [])]
         quality = aggregate({**r, "structures": structs}, aggregate_by, expected=expected)
         if quality is None:
             continue

@@ -87,3 +87,26 @@ def test_degrade_case_grades_quality():
             vals += list(d.values())
         means.append(np.mean(vals))
     assert means[0] > means[1] > means[2]
+
+
+def test_early_checkpoint_predictions_are_seeded_and_use_the_label_ids():
+    """Predictions of the segmentation network at early checkpoints (kind model_checkpoint): deterministic
+    under a seed, in the good labels' ids, one yield per pair and checkpoint; a 61-structure set is left out."""
+    from labelsentinel.models.checkpoint_predictions import early_checkpoint_predictions
+    from labelsentinel.sampledata import make_phantom
+
+    vols = []
+    for i in range(2):
+        img, truth, _ = make_phantom(np.random.default_rng([42, i]))
+        vols.append((img, truth))
+    big = np.zeros((16, 16, 16), np.int32)
+    big.flat[: 61 * 8] = np.repeat(np.arange(1, 62), 8)
+    vols.append((np.zeros(big.shape, np.float32), big))
+    a = list(early_checkpoint_predictions(vols, (2, 4), seed=3, progress=False))
+    b = list(early_checkpoint_predictions(vols, (2, 4), seed=3, progress=False))
+    assert [(i, it) for i, it, _ in a] == [(0, 2), (1, 2), (0, 4), (1, 4)]
+    for (_, _, p), (_, _, q) in zip(a, b):
+        assert np.array_equal(p, q)
+    ids = set(np.unique(vols[0][1]).tolist()) | set(np.unique(vols[1][1]).tolist())
+    for i, _, p in a:
+        assert p.shape == vols[i][1].shape and set(np.unique(p).tolist()) <= ids
