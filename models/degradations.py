@@ -31,6 +31,10 @@ Kinds (``severity`` in [0, 1]: 0 = barely changed, 1 = very bad):
 - ``cut_part``: the part beyond a random plane cut away.
 - ``empty``: the structure removed (Dice 0).
 - ``coarse``: the mask down-sampled by 2 to 4 (majority) and up-sampled back (nearest): blocky edges.
+
+The errors a network makes (leaks into a neighbour of similar intensity, organs found in part, speckle) come
+from :mod:`labelsentinel.models.checkpoint_predictions` (kind ``model_checkpoint``): the predictions of the
+segmentation network at early training checkpoints, with their true Dice.
 """
 
 from __future__ import annotations

@@ -45,3 +45,24 @@ def test_incremental_stamps_errors_and_settings(tmp_path):
     s.set_setting("budget", {"cases": 5})
     assert Store(str(tmp_path / "db.sqlite")).get_setting("budget") == {"cases": 5}
     assert os.path.exists(tmp_path / "db.sqlite")
+
+
+def test_cached_quality_rows_follow_writes_from_other_connections(tmp_path):
+    """quality() keeps parsed records while the table is unchanged; a write by another process (here another
+    Store on the same file) is seen at once: new rows, replaced rows, errors and removals."""
+    from labelsentinel.store import Store
+
+    a, b = Store(str(tmp_path / "s.db")), Store(str(tmp_path / "s.db"))
+    a.put_quality("c1", "original", "s1", "v", record={"case": "c1", "structures": [{"id": 1, "predicted_dice": 0.5}]})
+    first = a.quality("original")
+    assert a.quality("original") == first  # served from the cache, equal
+    b.put_quality("c2", "original", "s1", "v", record={"case": "c2", "structures": []})
+    assert [r["image_id"] for r in a.quality("original")] == ["c1", "c2"]
+    b.put_quality("c1", "original", "s2", "v", record={"case": "c1", "structures": [{"id": 1, "predicted_dice": 0.9}]})
+    assert a.quality("original")[0]["record"]["structures"][0]["predicted_dice"] == 0.9
+    b.put_quality("c2", "original", "s3", "v", error="cannot be read")
+    assert [r["image_id"] for r in a.quality("original")] == ["c1"]
+    assert a.get_quality("c2", "original")["error"] == "cannot be read"
+    b.remove_quality("c1")
+    assert [r["image_id"] for r in a.quality("original", include_errors=True)] == ["c2"]
+    assert a.get_quality("c1", "original") is None
