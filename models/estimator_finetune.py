@@ -64,8 +64,11 @@ def _stack(est, rows):
 
 def finetune(corrections: list[Correction], out: str, weights: str | None = None, epochs: int = 15,
              lr: float = 2e-4, synthetic: int = 4, real_weight: float = 3.0, val_fraction: float = 0.25,
-             seed: int = 0, progress=None) -> dict:
-    """Fine-tune; write ``out`` only if it beats the current weights on held-out corrected cases."""
+             seed: int = 0, progress=None, min_gain: float = 0.005) -> dict:
+    """Fine-tune; write ``out`` only if it beats the current weights on held-out corrected cases by at least
+    ``min_gain`` MAE (a smaller difference on a few held-out cases is noise: even a run at learning rate 0
+    moves the batch-norm statistics)."""
+    from labelsentinel.models.estimator_train import weight
     if len(corrections) < 2:
         raise ValueError(f"fine-tuning needs at least 2 corrected cases, got {len(corrections)}")
     log = progress or (lambda m: None)
@@ -107,7 +110,7 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
             j = perm[i : i + 32]
             p = net(X[0][j].to(est.device), X[1][j].to(est.device), X[2][j].to(est.device)).float().cpu()
             y = X[3][j]
-            loss = (w[j] * (1.0 + 6.0 * torch.clamp((0.9 - y) / 0.6, 0, 1)) * (p - y) ** 2).mean()
+            loss = (w[j] * weight(y) * (p - y) ** 2).mean()  # the training loss's weighting
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -118,7 +121,7 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
     result = {"cases": len(cases), "val_cases": sorted(val_cases), "real_samples": len(tr_real),
               "synthetic_samples": len(tr_syn), "held_out_real_samples": len(va_real), "mae_before": round(before, 4),
               "mae_after": round(best, 4), "base_version": est.version, "seconds": round(time.time() - t0, 1)}
-    if best_state is None or best >= before:
+    if best_state is None or best > before - min_gain:
         result.update(accepted=False, weights=None)
         log(f"fine-tuning kept the current weights (held-out MAE {before:.4f}, fine-tuned best {best:.4f})")
         return result

@@ -200,7 +200,7 @@ def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
     out = str(tmp_path / "ft.pt")
     res = finetune(corr, out, epochs=3, synthetic=1, val_fraction=0.25)
     assert res["cases"] == 4 and res["real_samples"] > 0 and res["held_out_real_samples"] > 0
-    # measured: held-out real MAE 0.200 -> 0.156 after 3 epochs
+    # measured with the shipped weights: held-out real MAE 0.093 -> 0.047 after 3 epochs
     assert res["accepted"] and res["mae_after"] < res["mae_before"] and os.path.isfile(out)
     assert QualityEstimator.load(out).version == res["version"] != weights_version()
     # a fine-tuning that cannot beat the current weights leaves them in place
