@@ -93,6 +93,14 @@ def serve(args) -> int:
     cmd = server_command(args.app, args.studies, args.host, args.port, args.conf or [])
     print("starting:", " ".join(cmd), flush=True)
     t0 = time.time()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # A plain `kill` (SIGTERM) or a closed terminal (SIGHUP) stops the server too, as Ctrl-C does: without this
+    # the MONAI Label process outlived us and kept the port.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
     proc = subprocess.Popen(cmd, env=server_env(args.app))
     try:
         url = f"http://{args.host}:{args.port}"

@@ -41,3 +41,42 @@ def test_server_on_empty_folder_starts_and_says_why_nothing_is_served(tmp_path):
     finally:
         srv.stop()
     assert "Traceback" not in srv.log()
+
+
+@pytest.mark.server
+def test_kill_of_serve_stops_the_server_and_frees_the_port(tmp_path, sample_studies):
+    """`make run` is `labelsentinel serve`: a plain kill (SIGTERM) of it stops the MONAI Label server it
+    started, as Ctrl-C does (the server used to outlive it and keep the port)."""
+    import signal
+    import socket
+    import time
+
+    from conftest import REPO, free_port
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "labelsentinel.cli", "serve", "--studies", sample_studies, "--port",
+                          str(port), "--conf", "model_dir", str(tmp_path / "model")], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        t_end = time.time() + 180
+        while time.time() < t_end:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/info/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not start")
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+        t_end = time.time() + 30
+        while time.time() < t_end:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"port {port} still answers after the kill")
+    finally:
+        if p.poll() is None:
+            p.kill()
