@@ -173,7 +173,7 @@ class SentinelApp(MONAILabelApp):
         expected = {int(v) for c in self.configs.values() for v in c.labels.values()}
         return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected,
                                           prior_mae=self.prior_mae,
-                                          finetune_after=int(self.conf.get("finetune_after", 20)),
+                                          finetune_after=int(self.conf.get("finetune_after", 10)),
                                           finetune_path=os.path.join(self.model_dir, "estimator_finetuned.pt"))}
 
     def _active_estimator(self) -> str | None:
