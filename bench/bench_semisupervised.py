@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import update_section  # noqa: E402
 
-HU = (-250.0, 350.0)  # the app's intensity window (apps/sentinel/lib/infers/segmentation.py)
 
 
 def phantoms(seed, n):
@@ -58,7 +57,9 @@ def ids_lut():
 
 
 def to_tensors(img, lab, lut):
-    x = torch.as_tensor(np.clip((img.astype(np.float32) - HU[0]) / (HU[1] - HU[0]), 0, 1))[None]
+    from labelsentinel.models.segmentation import scale_hu
+
+    x = torch.as_tensor(scale_hu(img))[None]
     y = torch.as_tensor(lut[lab.astype(np.int64)])[None]
     return x, y
 

@@ -70,6 +70,15 @@ def file_stamp(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+_QUALITY_COLUMNS = "image_id, tag, label_stamp, estimator_version, ts, record, error"
+
+
+def _quality_row(row) -> dict:
+    image_id, tag, stamp, ver, ts, rec, err = row
+    return {"image_id": image_id, "tag": tag, "label_stamp": stamp, "estimator_version": ver, "ts": ts,
+            "record": json.loads(rec) if rec else None, "error": err}
+
+
 class Store:
     def __init__(self, path: str):
         self.path = path
@@ -124,25 +133,15 @@ class Store:
         hit = self._quality_cache.get(key)
         if hit is not None and hit[0] == sig:
             return [dict(r) for r in hit[1]]
-        out = []
-        q = f"SELECT image_id, tag, label_stamp, estimator_version, ts, record, error FROM quality {where}"
-        for image_id, t, stamp, ver, ts, rec, err in conn.execute(q + " ORDER BY image_id, tag", args):
-            if err and not include_errors:
-                continue
-            out.append({"image_id": image_id, "tag": t, "label_stamp": stamp, "estimator_version": ver, "ts": ts,
-                        "record": json.loads(rec) if rec else None, "error": err})
+        q = f"SELECT {_QUALITY_COLUMNS} FROM quality {where} ORDER BY image_id, tag"
+        out = [_quality_row(row) for row in conn.execute(q, args) if include_errors or not row[-1]]
         self._quality_cache[key] = (sig, out)
         return [dict(r) for r in out]
 
     def get_quality(self, image_id: str, tag: str) -> dict | None:
-        row = self._conn().execute(
-            "SELECT image_id, tag, label_stamp, estimator_version, ts, record, error FROM quality "
-            "WHERE image_id=? AND tag=?", (image_id, tag)).fetchone()
-        if row is None:
-            return None
-        image_id, t, stamp, ver, ts, rec, err = row
-        return {"image_id": image_id, "tag": t, "label_stamp": stamp, "estimator_version": ver, "ts": ts,
-                "record": json.loads(rec) if rec else None, "error": err}
+        row = self._conn().execute(f"SELECT {_QUALITY_COLUMNS} FROM quality WHERE image_id=? AND tag=?",
+                                   (image_id, tag)).fetchone()
+        return None if row is None else _quality_row(row)
 
     def remove_quality(self, image_id: str, tag: str | None = None) -> None:
         with self._tx() as c:

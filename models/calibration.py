@@ -58,6 +58,11 @@ def isotonic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> t
     return np.asarray(xs), np.asarray(ys)
 
 
+def structure_key(structure: dict) -> str:
+    """The group a structure's calibration offset is kept under: its name, else its id as text."""
+    return structure.get("name") or str(structure["id"])
+
+
 @dataclass
 class Calibration:
     """Monotone map + conformal residual quantiles; ``identity(mae)`` when there are no real pairs yet."""

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-HU_WINDOW = (-250.0, 350.0)  # the app's intensity window (apps/sentinel/lib/infers/segmentation.py)
 DEFAULT_ITERATIONS = (50, 100, 200, 400, 800)
 PATCH = (64, 64, 32)  # training patch (voxels): iterations stay cheap whatever the volume
 # A label set of more structures is left out: on the real CT's 61 structures the small network reached a mean
@@ -85,7 +84,7 @@ def early_checkpoint_predictions(
 def _train_group(volumes, index, iterations, seed, lr, patch, progress):
     from monai.losses import DiceCELoss
 
-    from labelsentinel.models.segmentation import build_network
+    from labelsentinel.models.segmentation import build_network, scale_hu
 
     ids = sorted({int(v) for _, lab in volumes for v in np.unique(lab) if v})
     lut = np.zeros(max(ids) + 1, np.int64)
@@ -93,7 +92,7 @@ def _train_group(volumes, index, iterations, seed, lr, patch, progress):
     back = np.asarray([0] + ids, np.int32)
     data, crops = [], []
     for img, lab in volumes:
-        x = np.clip((np.asarray(img, np.float32) - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0, 1)
+        x = scale_hu(img)
         x, crop = _pad8(x, 0.0)
         y, _ = _pad8(lut[np.asarray(lab, np.int64)], 0)
         data.append((torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None]))

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+# CT intensity window (HU) every preset's input is scaled from to [0, 1]: the app's infer and train transforms,
+# the estimator's checkpoint predictions and the benchmarks all use this one.
+HU_WINDOW = (-250.0, 350.0)
+
+
+def scale_hu(image: np.ndarray) -> np.ndarray:
+    """HU -> [0, 1] float32 by ``HU_WINDOW`` (clipped), as the app's ``ScaleIntensityRanged`` does."""
+    return np.clip((np.asarray(image, np.float32) - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0, 1)
 
 
 @dataclass(frozen=True)

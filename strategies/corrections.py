@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from labelsentinel.io import VolumeError, check_same_grid, load_label
-from labelsentinel.models.calibration import Calibration
+from labelsentinel.models.calibration import Calibration, structure_key
 from labelsentinel.store import Store, file_stamp
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def recalibrate(store: Store, version: str, prior_mae: float) -> dict:
     pairs = [r for r in store.corrections(version) if r["predicted"] is not None]
     p = np.array([r["predicted"] for r in pairs], float)
     t = np.array([r["true_dice"] for r in pairs], float)
-    groups = [r["name"] or str(r["id"]) for r in pairs]
+    groups = [structure_key(r) for r in pairs]
     cal = Calibration.fit(p, t, prior_mae=prior_mae, groups=groups)
     d = cal.to_dict()
     d.update(version=version, ts=time.time(), cases=len({(r["image_id"], r["tag"]) for r in pairs}))
@@ -103,7 +103,7 @@ def calibrate_records(records: list[dict], cal_for_version) -> list[dict]:
         for s in rec.get("structures", []):
             s = dict(s)
             s["raw_predicted_dice"] = s["predicted_dice"]
-            group = s.get("name") or str(s["id"])
+            group = structure_key(s)
             s["predicted_dice"] = round(float(cal.apply(s["predicted_dice"], group)), 4)
             s["lower_bound"] = round(float(cal.lower_bound(s["raw_predicted_dice"], group=group)), 4)
             structs.append(s)

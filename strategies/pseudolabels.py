@@ -19,7 +19,7 @@ labels weigh 1).
 
 from __future__ import annotations
 
-from labelsentinel.models.calibration import Calibration
+from labelsentinel.models.calibration import Calibration, structure_key
 from labelsentinel.strategies.ranking import aggregate
 
 RULES = ("lower_bound", "threshold", "topk", "none")
@@ -45,7 +45,7 @@ def select_pseudo_labels(records: list[dict], rule: str = "lower_bound", thresho
     for r in records:
         if r["case"] in excluded:
             continue
-        structs = [{**s, "predicted_dice": float(cal.apply(s["predicted_dice"], s.get("name") or str(s["id"])))}
+        structs = [{**s, "predicted_dice": float(cal.apply(s["predicted_dice"], structure_key(s)))}
                    for s in r.get("structures", [])]
         quality = aggregate({**r, "structures": structs}, aggregate_by, expected=expected)
         if quality is None:

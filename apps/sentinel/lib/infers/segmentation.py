@@ -23,11 +23,10 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.post import Restored
 
 from labelsentinel.io import VolumeError
+from labelsentinel.models.segmentation import HU_WINDOW
 from lib.transforms import ChannelsToLabelIdsd
 
 logger = logging.getLogger(__name__)
-
-HU_WINDOW = (-250.0, 350.0)
 
 
 def header_shape(path: str):
