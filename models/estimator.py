@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,6 +154,28 @@ def _crop_padded(arr: np.ndarray, lo, hi, fill) -> np.ndarray:
     return out
 
 
+def _context_crop(img_c: np.ndarray, lab_c: np.ndarray, sid: int, in_lo, in_hi) -> np.ndarray:
+    """The ``CHANNELS`` of the context crop, area-averaged to ``INPUT_SIZE`` (float16). ``in_lo:in_hi`` is the
+    part of the crop inside the volume: the "inside" channel is a product of one indicator per axis, so its
+    area average is the product of the three 1-D area averages (no full-resolution channel to build)."""
+    img = torch.from_numpy(img_c)
+    lab = torch.from_numpy(lab_c)
+    m = lab == sid
+    full = torch.empty((1, 4, *img.shape), dtype=torch.float32)
+    torch.clamp((img + 160.0) / 400.0, 0.0, 1.0, out=full[0, 0])
+    torch.clamp((img + 1000.0) / 1600.0, 0.0, 1.0, out=full[0, 1])
+    full[0, 2].copy_(m)
+    full[0, 3].copy_((lab > 0) & ~m)
+    pooled = F.adaptive_avg_pool3d(full, INPUT_SIZE)[0]
+    axes = []
+    for n, a, b, size in zip(img.shape, in_lo, in_hi, INPUT_SIZE):
+        ind = torch.zeros((1, 1, n), dtype=torch.float64)
+        ind[0, 0, int(a):int(b)] = 1.0
+        axes.append(F.adaptive_avg_pool1d(ind, size)[0, 0].float())
+    inside = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return torch.cat([pooled, inside[None]]).numpy().astype(np.float16)
+
+
 def _hole_voxels(sub: np.ndarray) -> int:
     """Voxels that ``ndimage.binary_fill_holes(sub)`` would fill (background not 6-connected to the box's faces),
     by one labelling pass instead of fill_holes' iterative propagation (about 2.5x faster on large organs)."""
@@ -205,12 +228,6 @@ def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) ->
     clo, chi = lo - mv, hi + mv
     img_c = _crop_padded(image, clo, chi, np.float32(-1024.0))
     lab_c = _crop_padded(label, clo, chi, np.int32(0))
-    inside = np.zeros(lab_c.shape, dtype=np.float32)
-    src_lo = np.maximum(clo, 0)
-    src_hi = np.minimum(chi, shape)
-    inside[tuple(slice(a - c, b - c) for a, b, c in zip(src_lo, src_hi, clo))] = 1.0
-    m = lab_c == sid
-    other = (lab_c > 0) & ~m
 
     # Intensities inside and in a 1-voxel shell just outside the mask (6-connected, inside the volume): worked
     # out on the bounding box grown by one voxel, not the whole context crop (same voxels, far fewer to visit).
@@ -256,18 +273,7 @@ def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) ->
         dtype=np.float32,
     )
 
-    ch = np.stack(
-        [
-            np.clip((img_c + 160.0) / 400.0, 0.0, 1.0),
-            np.clip((img_c + 1000.0) / 1600.0, 0.0, 1.0),
-            m.astype(np.float32),
-            other.astype(np.float32),
-            inside,
-        ]
-    )
-    t = torch.from_numpy(ch)[None]
-    crop = F.interpolate(t, size=INPUT_SIZE, mode="area")[0].numpy().astype(np.float16)
-
+    crop = _context_crop(img_c, lab_c, sid, np.maximum(clo, 0) - clo, np.minimum(chi, shape) - clo)
     flags = []
     if count < TINY_VOXELS:
         flags.append("tiny")
@@ -280,8 +286,20 @@ def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) ->
     return StructureSample(id=int(sid), voxels=int(count), crop=crop, features=feats, flags=flags)
 
 
-def extract_samples(image, label, spacing, ids=None, validate=True) -> list[StructureSample]:
-    """One :class:`StructureSample` per structure present (or per id in ``ids`` that is present), by id."""
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def extract_samples(image, label, spacing, ids=None, validate=True, workers: int | None = None) -> list[StructureSample]:
+    """One :class:`StructureSample` per structure present (or per id in ``ids`` that is present), by id.
+
+    Structures are independent: with several, they are worked out on ``workers`` threads (default: the cores
+    this process may use, at most 4). The array work (numpy, scipy, torch) runs outside Python's lock, so on
+    2 cores the real CT's 61 structures take about 0.3 s instead of 0.5 s; the result is the same."""
     if validate:
         image, label, spacing = validate_inputs(image, label, spacing)
     objs = ndimage.find_objects(label)
@@ -289,12 +307,13 @@ def extract_samples(image, label, spacing, ids=None, validate=True) -> list[Stru
         return []
     counts = np.bincount(label.ravel(), minlength=len(objs) + 1)
     wanted = range(1, len(objs) + 1) if ids is None else sorted(int(i) for i in ids)
-    out = []
-    for sid in wanted:
-        if sid < 1 or sid > len(objs) or objs[sid - 1] is None or counts[sid] == 0:
-            continue
-        out.append(_structure_sample(image, label, spacing, sid, objs[sid - 1], int(counts[sid])))
-    return out
+    jobs = [(sid, objs[sid - 1], int(counts[sid])) for sid in wanted
+            if 1 <= sid <= len(objs) and objs[sid - 1] is not None and counts[sid] > 0]
+    n = min(len(jobs), workers or _default_workers())
+    if n <= 1:
+        return [_structure_sample(image, label, spacing, *j) for j in jobs]
+    with ThreadPoolExecutor(n) as ex:
+        return list(ex.map(lambda j: _structure_sample(image, label, spacing, *j), jobs))
 
 
 # ----------------------------------------------------------------------------------------------------------

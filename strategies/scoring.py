@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -67,25 +68,35 @@ def score_labels(
             todo.append((it, stamp))
     scored = []
     estimator = load_estimator() if todo else None
-    for n, (it, stamp) in enumerate(todo, 1):
-        key = f"{it.image_id}/{it.tag}"
-        try:
-            image = load_image(it.image_path)
-            label = load_label(it.label_path)
-            check_same_grid(image, label)
-            structures = estimator.predict(image.array, label.array, image.spacing, names or {})
-            present = {int(s["id"]) for s in structures}
-            missing = [{"id": i, "name": (names or {}).get(i)} for i in sorted(set(expected or ()) - present)]
-            record = {"case": it.image_id, "tag": it.tag, "structures": structures, "missing": missing,
-                      "estimator_version": estimator_version, "ts": time.time()}
-            store.put_quality(it.image_id, it.tag, stamp, estimator_version, record=record)
-            scored.append(key)
-        except VolumeError as e:
-            logger.error(f"quality scoring skips {key}: {e}")
-            store.put_quality(it.image_id, it.tag, stamp, estimator_version, error=str(e))
-            errors[key] = str(e)
-        if progress:
-            progress(f"[{n}/{len(todo)}] {key}" + (f": {errors[key]}" if key in errors else ""))
+
+    def read(it):
+        return load_image(it.image_path), load_label(it.label_path)
+
+    # The next case's files are read on a second thread while this one is estimated.
+    reader = ThreadPoolExecutor(1)
+    try:
+        ahead = reader.submit(read, todo[0][0]) if todo else None
+        for n, (it, stamp) in enumerate(todo, 1):
+            key = f"{it.image_id}/{it.tag}"
+            pending, ahead = ahead, (reader.submit(read, todo[n][0]) if n < len(todo) else None)
+            try:
+                image, label = pending.result()
+                check_same_grid(image, label)
+                structures = estimator.predict(image.array, label.array, image.spacing, names or {})
+                present = {int(s["id"]) for s in structures}
+                missing = [{"id": i, "name": (names or {}).get(i)} for i in sorted(set(expected or ()) - present)]
+                record = {"case": it.image_id, "tag": it.tag, "structures": structures, "missing": missing,
+                          "estimator_version": estimator_version, "ts": time.time()}
+                store.put_quality(it.image_id, it.tag, stamp, estimator_version, record=record)
+                scored.append(key)
+            except VolumeError as e:
+                logger.error(f"quality scoring skips {key}: {e}")
+                store.put_quality(it.image_id, it.tag, stamp, estimator_version, error=str(e))
+                errors[key] = str(e)
+            if progress:
+                progress(f"[{n}/{len(todo)}] {key}" + (f": {errors[key]}" if key in errors else ""))
+    finally:
+        reader.shutdown(cancel_futures=True)
     return {
         "estimator_version": estimator_version,
         "total": len(items),

@@ -142,3 +142,48 @@ def test_default_checkpoint_records_its_training():
     assert ck["estimator_version"] and ck["training"]["samples"] > 1000
     assert "liver" in ck["training"]["structures"] and ck["training"]["val_cases"]
     assert os.path.getsize(DEFAULT_WEIGHTS) < 2_000_000
+
+
+def test_structures_on_threads_give_the_same_samples(case):
+    """extract_samples works structures out on threads; the result must not depend on it."""
+    from labelsentinel.io import load_image, load_label
+    from labelsentinel.models.estimator import extract_samples
+
+    img, lab = load_image(case["image"]), load_label(case["original"])
+    one = extract_samples(img.array, lab.array, img.spacing, workers=1)
+    many = extract_samples(img.array, lab.array, img.spacing, workers=4)
+    assert len(one) >= 5 and [s.id for s in one] == [s.id for s in many]
+    for a, b in zip(one, many):
+        assert a.voxels == b.voxels and a.flags == b.flags
+        np.testing.assert_array_equal(a.crop, b.crop)
+        np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_score_labels_reads_ahead_and_keeps_going_past_bad_files(case, tmp_path):
+    """The next case is read while one is estimated: a missing or corrupt file in the middle is an error for
+    that case only, and every other case is scored in order."""
+    from labelsentinel.store import Store
+    from labelsentinel.strategies.scoring import LabelItem, score_labels
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    items = [LabelItem("a", "original", case["image"], case["original"]),
+             LabelItem("b", "original", case["image"], str(bad)),
+             LabelItem("c", "original", case["image"], case["truth"]),
+             LabelItem("d", "original", case["image"], str(tmp_path / "gone.nii.gz")),
+             LabelItem("e", "original", case["image"], case["original"])]
+    store = Store(str(tmp_path / "q.db"))
+    est = QualityEstimator.load()
+    from labelsentinel.io import load_label_names
+
+    seen = []
+    res = score_labels(items, store, est.version, lambda: est, names=load_label_names(case["names"]),
+                       progress=seen.append)
+    assert res["scored"] == ["a/original", "c/original", "e/original"]
+    assert set(res["errors"]) == {"b/original", "d/original"}
+    assert "bad.nii.gz" in res["errors"]["b/original"] or "nifti" in res["errors"]["b/original"].lower()
+    assert len(seen) == 4  # a missing file is reported before scoring starts; the 4 others each report progress
+    for cid in "ace":
+        assert store.get_quality(cid, "original")["record"]["structures"]
+    truth = store.get_quality("c", "original")["record"]["structures"]
+    assert min(s["predicted_dice"] for s in truth) > 0.9  # c's label is the truth
