@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ def _samples(est: QualityEstimator, corr: Correction, synthetic: int, seed: int)
     fids = sorted(int(i) for i in np.unique(final.array) if i)
     for sid in fids:
         for k in range(synthetic):
-            rng = np.random.default_rng([seed, sid, k, abs(hash(corr.case)) % (1 << 31)])
+            rng = np.random.default_rng([seed, sid, k, zlib.crc32(corr.case.encode())])
             deg = D.random_degradation(final.array, sp, rng, names=corr.names, structure_ids=[sid], image=img)
             s = extract_samples(img, deg.label, sp, ids=[sid], validate=False)
             if s:
