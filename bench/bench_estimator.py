@@ -32,9 +32,9 @@ from common import REPO, update_section  # noqa: E402
 CT = os.path.join(REPO, "sample-apps", "totalseg-ct")
 
 
-def evaluate(est, data):
-    emb, _ = est.embed(data["name"])
-    pred = est.score(data["crop"], data["feat"], emb)
+def evaluate(est, data, names=True):
+    emb, known = est.embed(data["name"] if names else [None] * len(data["name"]))
+    pred = est.score(data["crop"], data["feat"], emb, known=known)
     base = est.baseline_predict(data["feat"])
     return pred, base
 
@@ -80,13 +80,31 @@ def main():
         # these 6 new phantoms, seed 777): kind model_checkpoint
         ph = make_samples(find_pairs([tmp]), args.per_structure, seed=777, checkpoint_iterations=DEFAULT_ITERATIONS)
 
+    from labelsentinel.models.estimator_train import metrics
+
+    ck = est.checkpoint
     md_parts = []
     summary = {}
+    unknown_rows = []
     for title, data in (("Real CT, held-out degradations (61 structures)", real), ("Held-out phantom cases (6 cases x 8 structures)", ph)):
         pred, base = evaluate(est, data)
         text, out = table(title, data, pred, base)
         md_parts.append(text)
         summary[title] = out
+        # The same samples with every structure name withheld: what a structure whose name is not in the
+        # table gets (the unknown-name embedding).
+        a = metrics(evaluate(est, data, names=False)[0], data["y"])
+        emb, _ = est.embed([None] * len(data["y"]))
+        m = metrics(est.score(data["crop"], data["feat"], emb), data["y"])  # the main network, no name-free one
+        unknown_rows.append(f"| {title} | {a['n']} | {out['**all**']['pearson']:.3f} / {out['**all**']['mae']:.3f} | "
+                            f"{a['pearson']:.3f} / {a['mae']:.3f} | {m['pearson']:.3f} / {m['mae']:.3f} |")
+    md_parts.append("\n".join([
+        "### Structure names the estimator does not know (every name withheld, same samples)", "",
+        "Scored by the checkpoint's name-free network (trained with `--name-dropout "
+        f"{ck.get('unknown_names', {}).get('training', {}).get('name_dropout', 'n/a')}`; without one, by the main "
+        "network with the unknown-name embedding).", "",
+        "| samples | n | names given: Pearson / MAE | names withheld, name-free network | names withheld, main network |",
+        "|---|---|---|---|---|", *unknown_rows]))
 
     # Speed.
     image = load_image(ct_pair.image)

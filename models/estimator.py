@@ -15,7 +15,8 @@ For every structure present in the mask the estimator looks at
   slice, boundary smoothness, holes, where it lies in the volume, and the CT values inside and just outside;
 * the structure's **name**, as a sentence embedding (``models/data/name_embeddings.npz``, made by
   ``scripts/make_name_embeddings.py``); an id without a known name gets a generic fallback embedding and
-  the flag ``unknown_name``.
+  the flag ``unknown_name``; the default checkpoint carries a second, name-free network for those (trained
+  with ``--name-dropout``, see :func:`attach_unknown_name_network`): an estimate from the image and mask alone.
 
 Array axes are taken as (x, y, z) of the file (z = the slice axis of an axial CT), with ``spacing`` per axis.
 
@@ -383,11 +384,33 @@ def weights_version(weights: str | None = None) -> str:
     return "est-" + _sha256(path)[:12]
 
 
+def attach_unknown_name_network(main: str, name_free: str, out: str) -> dict:
+    """Write ``out``: the checkpoint ``main`` plus the network of ``name_free`` (a checkpoint trained with
+    ``--name-dropout``, so it learned to estimate without the structure name) as the network that scores the
+    structures whose name is not in the table. The main network, and so every named prediction, is unchanged."""
+    a = torch.load(main, map_location="cpu", weights_only=True)
+    b = torch.load(name_free, map_location="cpu", weights_only=True)
+    for ck, path in ((a, main), (b, name_free)):
+        if not isinstance(ck, dict) or ck.get("format") != "labelsentinel-estimator":
+            raise VolumeError(f"{path}: not a Label Sentinel estimator checkpoint")
+    if a["input_config"] != b["input_config"] or list(a["name_embeddings"]["names"]) != list(b["name_embeddings"]["names"]):
+        raise VolumeError(f"{name_free}: another input configuration or name table than {main}")
+    if not b.get("training", {}).get("name_dropout"):
+        raise VolumeError(f"{name_free}: was not trained with --name-dropout (it never saw a sample without a name)")
+    a = dict(a)
+    a["unknown_names"] = {"state_dict": b["state_dict"], "feature_mean": b["feature_mean"], "feature_std": b["feature_std"],
+                          "validation": b["validation"], "training": b["training"]}
+    tmp = out + ".tmp"
+    torch.save(a, tmp)
+    os.replace(tmp, out)
+    return a
+
+
 class QualityEstimator:
     """Scores labels. ``QualityEstimator.load()`` reads the shipped default weights."""
 
     def __init__(self, net: EstimatorNet, table, feat_mean, feat_std, checkpoint: dict, version: str,
-                 device: str = "cpu", weights_path: str | None = None):
+                 device: str = "cpu", weights_path: str | None = None, unknown_names=None):
         self.net = net.eval().to(device)
         self.table = table
         self.feat_mean = np.asarray(feat_mean, dtype=np.float32)
@@ -396,6 +419,12 @@ class QualityEstimator:
         self.version = version
         self.device = device
         self.weights_path = weights_path
+        # (net, feature mean, feature std) of the name-free network that scores structures whose name is not in
+        # the table (see ``attach_unknown_name_network``); None: the main network scores them too.
+        self.unknown_names = None
+        if unknown_names is not None:
+            unet, um, us = unknown_names
+            self.unknown_names = (unet.eval().to(device), np.asarray(um, np.float32), np.asarray(us, np.float32))
 
     # -- loading
     @classmethod
@@ -417,9 +446,16 @@ class QualityEstimator:
         )
         net = build_net(cfg, table.dim)
         net.load_state_dict(ckpt["state_dict"])
+        unknown = None
+        if ckpt.get("unknown_names"):
+            un = ckpt["unknown_names"]
+            unet = build_net(cfg, table.dim)
+            unet.load_state_dict(un["state_dict"])
+            unknown = (unet, un["feature_mean"].numpy(), un["feature_std"].numpy())
         if version is None:
             version = "est-" + hashlib.sha256(repr(sorted((k, v.float().sum().item()) for k, v in ckpt["state_dict"].items())).encode()).hexdigest()[:12]
-        return cls(net, table, ckpt["feature_mean"].numpy(), ckpt["feature_std"].numpy(), ckpt, version, device, weights_path)
+        return cls(net, table, ckpt["feature_mean"].numpy(), ckpt["feature_std"].numpy(), ckpt, version, device,
+                   weights_path, unknown_names=unknown)
 
     @classmethod
     def load(cls, weights: str | None = None, device: str = "cpu") -> "QualityEstimator":
@@ -447,15 +483,28 @@ class QualityEstimator:
         return np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, self.table.dim), np.float32), known
 
     @torch.no_grad()
-    def score(self, crops: np.ndarray, feats: np.ndarray, embs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Raw network scoring of stacked samples (crops float16 (N,C,...), feats (N,F), embs (N,D))."""
+    def _run(self, net, fmean, fstd, crops, feats, embs, batch_size):
         out = []
         for i in range(0, len(crops), batch_size):
             c = torch.from_numpy(np.asarray(crops[i : i + batch_size], dtype=np.float32)).to(self.device)
-            f = torch.from_numpy(((feats[i : i + batch_size] - self.feat_mean) / self.feat_std).astype(np.float32)).to(self.device)
+            f = torch.from_numpy(((feats[i : i + batch_size] - fmean) / fstd).astype(np.float32)).to(self.device)
             e = torch.from_numpy(np.asarray(embs[i : i + batch_size], dtype=np.float32)).to(self.device)
-            out.append(self.net(c, f, e).float().cpu().numpy())
+            out.append(net(c, f, e).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def score(self, crops: np.ndarray, feats: np.ndarray, embs: np.ndarray, batch_size: int = 256,
+              known=None) -> np.ndarray:
+        """Raw network scoring of stacked samples (crops float16 (N,C,...), feats (N,F), embs (N,D)).
+        ``known``: per sample, whether its name is in the table (from :meth:`embed`); the samples whose name is
+        not are scored by the name-free network when the checkpoint has one."""
+        if known is None or self.unknown_names is None or all(known):
+            return self._run(self.net, self.feat_mean, self.feat_std, crops, feats, embs, batch_size)
+        k = np.asarray(known, bool)
+        out = np.empty(len(k), np.float32)
+        if k.any():
+            out[k] = self._run(self.net, self.feat_mean, self.feat_std, crops[k], feats[k], embs[k], batch_size)
+        out[~k] = self._run(*self.unknown_names, crops[~k], feats[~k], embs[~k], batch_size)
+        return out
 
     def predict_batch(self, items, batch_size: int = 256) -> list[list[dict]]:
         """``items``: iterable of ``(image, label, spacing, names)``; returns one result list per item."""
@@ -470,7 +519,8 @@ class QualityEstimator:
         known: list[bool] = []
         if samples:
             embs, known = self.embed(namelist)
-            preds = self.score(np.stack([s.crop for s in samples]), np.stack([s.features for s in samples]), embs, batch_size)
+            preds = self.score(np.stack([s.crop for s in samples]), np.stack([s.features for s in samples]), embs,
+                               batch_size, known=known)
         results, k = [], 0
         for n in per_item:
             res = []

@@ -115,7 +115,18 @@ def cmd_train(args) -> int:
           seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device, workers=args.workers,
           val_cases=args.val_case or None, samples_cache=args.samples_cache,
           checkpoint_iterations=tuple(int(x) for x in str(args.checkpoint_predictions).split(",") if x.strip()),
+          **({"name_dropout": args.name_dropout} if args.name_dropout is not None else {}),
           **({"low_dice_weight": args.low_dice_weight} if args.low_dice_weight is not None else {}))
+    return 0
+
+
+def cmd_attach(args) -> int:
+    from labelsentinel.models.estimator import QualityEstimator, attach_unknown_name_network
+
+    attach_unknown_name_network(args.main, args.name_free, args.out)
+    est = QualityEstimator.load(args.out)
+    v = est.checkpoint["unknown_names"]["validation"]["estimator"].get("without_names", {})
+    print(json.dumps({"out": args.out, "version": est.version, "name_free_validation_without_names": v}))
     return 0
 
 
@@ -148,6 +159,9 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, default=2, help="processes that make the degraded samples")
     t.add_argument("--low-dice-weight", type=float, default=None,
                    help="MSE weight of labels with true Dice <= 0.3 (falls to 1 at 0.9; default 3)")
+    t.add_argument("--name-dropout", type=float, default=None,
+                   help="share of training samples shown without their structure name (default 0; 0.15 makes the "
+                        "name-free network that `attach-name-free` adds to a checkpoint)")
     t.add_argument("--checkpoint-predictions", default="",
                    help="also learn from the predictions of the segmentation network (the app's small UNet, trained "
                         "from scratch on the same pairs) at these early iterations, comma separated, e.g. 20,40,80,160")
@@ -155,3 +169,10 @@ def register(sub) -> None:
                    "--per-structure and --seed are the same")
     t.add_argument("--device", default="cpu")
     t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("attach-name-free", help="add a name-free estimator network (trained with --name-dropout) to a "
+                       "checkpoint, to score the structures whose name is not in the table")
+    a.add_argument("--main", required=True, help="checkpoint whose network scores named structures (unchanged)")
+    a.add_argument("--name-free", required=True, help="checkpoint trained with --name-dropout")
+    a.add_argument("--out", required=True, help="checkpoint to write")
+    a.set_defaults(func=cmd_attach)

@@ -59,3 +59,10 @@ class NameEmbeddings:
 @lru_cache(maxsize=1)
 def default_table() -> NameEmbeddings:
     return NameEmbeddings.from_file(DATA_FILE)
+
+
+def unknown_names(names, table: NameEmbeddings | None = None) -> list[str]:
+    """The names the estimator's table does not know (their structures are estimated from image and mask alone,
+    less accurately: see README "Structure names")."""
+    t = table or default_table()
+    return sorted({str(n) for n in names if n and not t.lookup(str(n))[1]})

@@ -26,6 +26,7 @@ from lib.datastore import SentinelDatastore
 
 from labelsentinel import __version__
 from labelsentinel.io import load_label_names
+from labelsentinel.models.name_embedding import unknown_names
 from labelsentinel.store import Store, store_path
 from labelsentinel.strategies.monailabel_adapters import (
     BudgetStrategy,
@@ -70,6 +71,11 @@ class SentinelApp(MONAILabelApp):
             # info["labels"].push(...) and failed to connect at all when it was a name -> id mapping.
             labels=self._label_list(),
         )
+        missing = unknown_names(self.structure_names().values())
+        if missing:
+            logger.warning(f"{len(missing)} structure name(s) are not in the estimator's name table: {missing}; their "
+                           "quality is estimated from the image and mask alone (less accurate). Name them as in "
+                           "README 'Structure names' (--conf label_names FILE) where one fits.")
 
     def _label_list(self) -> list[str] | None:
         if not self.configs:
