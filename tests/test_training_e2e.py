@@ -29,7 +29,7 @@ def studies(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(studies, tmp_path_factory):
-    # fine-tune the estimator once 5 cases are corrected (default 20)
+    # fine-tune the estimator once 5 cases are corrected (default 10)
     srv = Server(studies, str(tmp_path_factory.mktemp("ts")), conf={"finetune_after": 5},
                  env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}).start()
     yield srv
