@@ -384,25 +384,26 @@ def weights_version(weights: str | None = None) -> str:
     return "est-" + _sha256(path)[:12]
 
 
+def save_checkpoint(ckpt: dict, out: str) -> None:
+    """Write a checkpoint atomically: a scoring process never reads a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    tmp = out + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)
+
+
 def attach_unknown_name_network(main: str, name_free: str, out: str) -> dict:
     """Write ``out``: the checkpoint ``main`` plus the network of ``name_free`` (a checkpoint trained with
     ``--name-dropout``, so it learned to estimate without the structure name) as the network that scores the
     structures whose name is not in the table. The main network, and so every named prediction, is unchanged."""
-    a = torch.load(main, map_location="cpu", weights_only=True)
-    b = torch.load(name_free, map_location="cpu", weights_only=True)
-    for ck, path in ((a, main), (b, name_free)):
-        if not isinstance(ck, dict) or ck.get("format") != "labelsentinel-estimator":
-            raise VolumeError(f"{path}: not a Label Sentinel estimator checkpoint")
+    a, b = QualityEstimator.load(main).checkpoint, QualityEstimator.load(name_free).checkpoint  # both validated
     if a["input_config"] != b["input_config"] or list(a["name_embeddings"]["names"]) != list(b["name_embeddings"]["names"]):
         raise VolumeError(f"{name_free}: another input configuration or name table than {main}")
     if not b.get("training", {}).get("name_dropout"):
         raise VolumeError(f"{name_free}: was not trained with --name-dropout (it never saw a sample without a name)")
     a = dict(a)
-    a["unknown_names"] = {"state_dict": b["state_dict"], "feature_mean": b["feature_mean"], "feature_std": b["feature_std"],
-                          "validation": b["validation"], "training": b["training"]}
-    tmp = out + ".tmp"
-    torch.save(a, tmp)
-    os.replace(tmp, out)
+    a["unknown_names"] = {k: b[k] for k in ("state_dict", "feature_mean", "feature_std", "validation", "training")}
+    save_checkpoint(a, out)
     return a
 
 

@@ -13,7 +13,6 @@ real cases beats the current weights' (otherwise the current weights stay and th
 from __future__ import annotations
 
 import copy
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 
 from labelsentinel.io import check_same_grid, load_image, load_label
 from labelsentinel.models import degradations as D
-from labelsentinel.models.estimator import QualityEstimator, extract_samples, weights_version
+from labelsentinel.models.estimator import QualityEstimator, extract_samples, save_checkpoint, weights_version
 
 # held-out MAE gain a fine-tuning must reach to be kept (a smaller difference on a few held-out cases is noise)
 MIN_GAIN = 0.005
@@ -141,10 +140,7 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
     ck = dict(est.checkpoint)
     ck["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in best_state.items()}
     ck["finetuned"] = {**result, "ts": time.time()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save(ck, tmp)
-    os.replace(tmp, out)  # atomic: a scoring process never reads a half-written file
+    save_checkpoint(ck, out)
     result.update(accepted=True, weights=out, version=weights_version(out))
     log(f"fine-tuned estimator written to {out} (held-out real MAE {before:.4f} -> {best:.4f})")
     return result
