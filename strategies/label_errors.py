@@ -5,11 +5,17 @@ Two signals, gathered by the trainer at several checkpoints of one training run 
 
 - **VoG** (variance of gradients): the gradient of the label's log-likelihood with respect to the input
   image, at every checkpoint. A label that disagrees with the image keeps pulling the network in changing
-  directions, so its gradient map varies more across checkpoints. The per-voxel variance is accumulated with
-  Welford's update (memory: two maps per sample, whatever the number of checkpoints); a structure's VoG is
-  the mean variance over its region (voxels the label *or* the network gives to it, so a missing or
-  under-segmented structure is still looked at).
-- **loss**: the mean cross-entropy of the label over the same region, averaged over checkpoints.
+  directions, so its gradient map varies more across checkpoints. Every checkpoint's maps are first divided
+  by that checkpoint's mean absolute gradient over all samples: gradients shrink by orders of magnitude as
+  training goes on, and without this the variance mostly measures how large the first checkpoint's gradients
+  were, not how unstable a sample is. The per-voxel variance is accumulated with Welford's update (memory:
+  three maps per sample, whatever the number of checkpoints: a checkpoint's map waits until the checkpoint
+  is complete and its scale known); a structure's VoG is the mean variance over the voxels whose label is in
+  question: where the label and the network (at some checkpoint) disagree about the structure, and the
+  label's surface. A missing or under-segmented structure is still looked at (the network's voxels count),
+  and an error on the boundary of a large structure is not diluted by its interior.
+- **loss**: the mean cross-entropy of the label over the voxels the label *or* the network gives to the
+  structure, averaged over checkpoints.
 
 Both are normalised per structure across samples (robust z-score: median and MAD of that structure), since
 large, small, bright and faint structures have very different raw values; a sample's score is its worst
@@ -19,6 +25,7 @@ large, small, bright and faint structures have very different raw values; a samp
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 
 class Welford:
@@ -49,39 +56,89 @@ class Welford:
 
 
 class LabelErrorSignals:
-    """Accumulates checkpoint maps per sample; ``scores()`` gives per-sample, per-structure signals."""
+    """Accumulates checkpoint maps per sample; ``scores()`` gives per-sample, per-structure signals.
+
+    Feed every sample at one checkpoint before any sample at the next (what a trainer's checkpoint loop
+    does): a checkpoint's gradient scale is complete when the next checkpoint starts."""
 
     def __init__(self, ids: list[int] | None = None):
         self.ids = ids  # class index c (1..C-1) -> structure id ids[c-1]; None: the index is the id
         self._grad: dict[str, Welford] = {}
+        self._pending: dict[str, tuple[int, np.ndarray]] = {}  # sample -> (checkpoint, raw gradient map)
+        self._abs_sum: dict[int, float] = {}  # checkpoint -> sum of |gradient| over every sample's voxels
+        self._voxels: dict[int, int] = {}
+        self._seen: dict[str, int] = {}  # sample -> checkpoints given
         self._loss: dict[str, dict[int, list[float]]] = {}
-        self._region: dict[str, dict[int, np.ndarray]] = {}
+        self._pred_any: dict[str, dict[int, np.ndarray]] = {}  # sample -> class -> the network gave it, at some checkpoint
+        self._label: dict[str, np.ndarray] = {}
 
     def _sid(self, c: int) -> int:
         return int(self.ids[c - 1]) if self.ids else int(c)
 
+    def _scale(self, k: int) -> float:
+        return max(self._abs_sum[k] / max(self._voxels[k], 1), 1e-30)
+
+    def _fold(self, sample: str) -> None:
+        """Add the sample's waiting map, divided by its checkpoint's gradient scale, to its running variance."""
+        k, g = self._pending.pop(sample)
+        self._grad.setdefault(sample, Welford()).update(g / np.float32(self._scale(k)))
+
     def update(self, sample: str, grad: np.ndarray, ce: np.ndarray, pred: np.ndarray, label: np.ndarray) -> None:
         """One checkpoint of one sample: input-gradient map, per-voxel cross-entropy of the label, the
         network's prediction and the label (class indices, same shape)."""
-        self._grad.setdefault(sample, Welford()).update(grad)
+        grad = np.asarray(grad, np.float32)
+        prev = self._pending[sample][1] if sample in self._pending else getattr(self._grad.get(sample), "mean", None)
+        if prev is not None and prev.shape != grad.shape:
+            raise ValueError(f"shape changed between updates: {prev.shape} then {grad.shape}")
+        if sample in self._pending:
+            self._fold(sample)
+        k = self._seen.get(sample, 0)
+        self._seen[sample] = k + 1
+        self._pending[sample] = (k, grad.copy())
+        self._abs_sum[k] = self._abs_sum.get(k, 0.0) + float(np.abs(grad, dtype=np.float64).sum())
+        self._voxels[k] = self._voxels.get(k, 0) + grad.size
         loss = self._loss.setdefault(sample, {})
-        regions = self._region.setdefault(sample, {})
+        pred_any = self._pred_any.setdefault(sample, {})
+        label = np.asarray(label)
+        self._label[sample] = label
         classes = (set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {0}
         for c in sorted(classes):
-            region = (label == c) | (pred == c)
-            regions[c] = region | regions[c] if c in regions else region
-            loss.setdefault(c, []).append(float(ce[region].mean()))
+            p = pred == c
+            pred_any[c] = pred_any[c] | p if c in pred_any else p
+            loss.setdefault(c, []).append(float(ce[(label == c) | p].mean()))
 
     @property
     def checkpoints(self) -> int:
-        return max((w.n for w in self._grad.values()), default=0)
+        return max(self._seen.values(), default=0)
 
     def raw(self) -> dict[str, dict[int, dict]]:
+        for s in list(self._pending):
+            self._fold(s)
         out = {}
         for s, w in self._grad.items():
             var = w.variance()
             out[s] = {c: {"vog": float(var[reg].mean()), "loss": float(np.mean(self._loss[s][c]))}
-                      for c, reg in self._region[s].items() if reg.any()}
+                      for c, reg in self._vog_regions(s).items() if reg.any()}
+        return out
+
+    def _vog_regions(self, sample: str) -> dict[int, np.ndarray]:
+        """Per class, the voxels whose label is in question: those the network gave to the structure at some
+        checkpoint but the label does not, those of the structure the network never gave to it, and the label's
+        surface (one voxel either side). Averaging over the whole structure instead dilutes an error on its
+        boundary in its interior, where label and network agree."""
+        label = self._label[sample]
+        pred_any = self._pred_any[sample]
+        objs = ndimage.find_objects(label.astype(np.int64, copy=False))
+        out = {}
+        for c, pa in pred_any.items():
+            m = label == c
+            reg = pa ^ m
+            sl = objs[c - 1] if 0 < c <= len(objs) else None
+            if sl is not None:
+                box = tuple(slice(max(a.start - 1, 0), min(a.stop + 1, n)) for a, n in zip(sl, label.shape))
+                mb = m[box]
+                reg[box] |= ndimage.binary_dilation(mb) & ~ndimage.binary_erosion(mb)
+            out[c] = reg
         return out
 
     def scores(self, names: dict[int, str] | None = None) -> dict[str, dict]:
