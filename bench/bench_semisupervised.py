@@ -159,12 +159,14 @@ def _score_source(est, data):
     return out
 
 
-def _calibrated_mae(cases, pick, test, prior):
-    """Calibration fitted on the picked cases' pairs, as the server fits it (grouped by structure)."""
+def _calibrated_mae(cases, pick, test, prior, trained=()):
+    """Calibration fitted on the picked cases' pairs, as the server fits it (grouped by structure; the cases a
+    fine-tuned estimator was trained on give no conformal residuals)."""
     from labelsentinel.models.calibration import Calibration
 
     fit = np.array([p for j in pick for p in cases[j]])
-    cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior, groups=fit[:, 2].astype(int))
+    use = [j not in set(trained) for j in pick for _ in cases[j]]
+    cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior, groups=fit[:, 2].astype(int), conformal=use)
     g = test[:, 2].astype(int)
     return (float(np.mean(np.abs(cal.apply(test[:, 0], g) - test[:, 1]))),
             float(np.mean(test[:, 1] >= cal.lower_bound(test[:, 0], 0.1, group=g))))
@@ -228,7 +230,8 @@ def part_calibration(args):
                 acc += bool(out["accepted"])
                 sc = _score_source(ft, data) if out["accepted"] else cases
                 ftest = np.array([p for c in sc[20:] for p in c])
-                m, c = _calibrated_mae(sc, pick, ftest, prior)
+                trained = [j for j in pick if str(j) in out.get("trained_cases", [])] if out["accepted"] else []
+                m, c = _calibrated_mae(sc, pick, ftest, prior, trained)
                 maes.append(m)
                 covers.append(c)
                 print(f"  calibration ({key}): fine-tuned on {k} cases, draw {draw}: accepted {out['accepted']}, "

@@ -130,7 +130,10 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
             log(f"fine-tune epoch {ep}/{epochs}: held-out real MAE {m:.4f} (current weights {before:.4f})")
             if m < best:
                 best, best_state = m, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    result = {"cases": len(cases), "val_cases": sorted(val_cases), "real_samples": len(tr_real),
+    # every case these weights were trained on (this run's and those of the fine-tunings they start from): the
+    # calibration must not take its conformal residuals from them
+    trained = sorted(set(cases) - val_cases | set(est.checkpoint.get("finetuned", {}).get("trained_cases", [])))
+    result = {"cases": len(cases), "val_cases": sorted(val_cases), "trained_cases": trained, "real_samples": len(tr_real),
               "synthetic_samples": len(tr_syn), "held_out_real_samples": len(va_real), "mae_before": round(before, 4),
               "mae_after": round(best, 4), "base_version": est.version, "seconds": round(time.time() - t0, 1)}
     if best_state is None or best > before - min_gain:

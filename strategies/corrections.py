@@ -67,13 +67,18 @@ def calibration_key(version: str) -> str:
     return f"calibration:{version}"
 
 
-def recalibrate(store: Store, version: str, prior_mae: float) -> dict:
-    """Fit the calibration of estimator ``version`` from all its real pairs and keep it in the store."""
+def recalibrate(store: Store, version: str, prior_mae: float, trained_cases=()) -> dict:
+    """Fit the calibration of estimator ``version`` from all its real pairs and keep it in the store.
+
+    ``trained_cases``: cases a fine-tuned ``version`` was trained on; their pairs fit the map but give no
+    conformal residuals (the weights know them: the bound would be too tight)."""
     pairs = [r for r in store.corrections(version) if r["predicted"] is not None]
     p = np.array([r["predicted"] for r in pairs], float)
     t = np.array([r["true_dice"] for r in pairs], float)
     groups = [structure_key(r) for r in pairs]
-    cal = Calibration.fit(p, t, prior_mae=prior_mae, groups=groups)
+    trained = set(trained_cases or ())
+    cal = Calibration.fit(p, t, prior_mae=prior_mae, groups=groups,
+                          conformal=[r["image_id"] not in trained for r in pairs])
     d = cal.to_dict()
     d.update(version=version, ts=time.time(), cases=len({(r["image_id"], r["tag"]) for r in pairs}))
     store.set_setting(calibration_key(version), d)

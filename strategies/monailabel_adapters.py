@@ -48,8 +48,10 @@ def record_corrections(store: Store, datastore: Datastore, version: str, prior_m
     """Store the real pairs of corrected pseudo-labels and refit the calibration when any are new."""
     res = collect_corrections(correction_pairs(datastore, image_ids), store, names)
     if res["recorded"] or store.get_setting(f"calibration:{version}") is None:
-        cal = recalibrate(store, version, prior_mae)
-        res["calibration"] = {k: cal[k] for k in ("n", "cases", "mae_before", "mae_after")}
+        ft = store.get_setting("estimator_finetuned") or {}
+        trained = ft.get("trained_cases", []) if ft.get("version") == version else []
+        cal = recalibrate(store, version, prior_mae, trained_cases=trained)
+        res["calibration"] = {k: cal[k] for k in ("n", "cases", "mae_before", "mae_after", "conformal_pairs")}
     return res
 
 

@@ -68,6 +68,29 @@ def test_per_structure_offsets_fix_what_one_monotone_map_cannot():
     assert back.apply(0.7, "liver") == pytest.approx(per_structure.apply(0.7, "liver"))
 
 
+def test_conformal_bound_comes_only_from_pairs_the_weights_were_not_trained_on():
+    """After fine-tuning, the estimator fits the corrected cases it was trained on far better than new labels:
+    their residuals must not set the bound, or it covers much less than it claims."""
+    rng = np.random.default_rng(4)
+    true = rng.uniform(0.3, 1.0, 80)
+    trained = np.arange(80) < 70  # 70 pairs the weights learned (residual ~0.002), 10 new ones (~0.08)
+    pred = np.clip(true + rng.normal(0, np.where(trained, 0.002, 0.08)), 0, 1)
+    naive = Calibration.fit(pred, true, prior_mae=0.05)
+    honest = Calibration.fit(pred, true, prior_mae=0.05, conformal=~trained)
+    assert honest.conformal_pairs == 10 and len(honest.residuals) == 10
+    assert honest.xs == naive.xs and honest.ys == naive.ys  # the map uses every pair
+    new_t = rng.uniform(0.3, 1.0, 400)
+    new_p = np.clip(new_t + rng.normal(0, 0.08, 400), 0, 1)
+    assert np.mean(new_t >= naive.lower_bound(new_p, 0.1)) < 0.8
+    assert np.mean(new_t >= honest.lower_bound(new_p, 0.1)) >= 0.85
+    assert Calibration.from_dict(honest.to_dict()).conformal_pairs == 10
+    # fewer than MIN_PAIRS unseen pairs: the prior bound, not the trained pairs' residuals
+    few = Calibration.fit(pred, true, prior_mae=0.05, conformal=np.arange(80) < 2)
+    assert few.residuals == [] and few.quantile(0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        Calibration.fit(pred, true, conformal=[True])
+
+
 def test_calibration_without_pairs_is_identity_with_prior_bound():
     cal = Calibration.fit([0.5], [0.4], prior_mae=0.05)
     assert cal.apply(0.7) == pytest.approx(0.7)
@@ -170,6 +193,27 @@ def test_label_error_signals_flag_the_sample_whose_gradients_vary():
         suspects(sc, "entropy")
 
 
+def test_vog_is_taken_relative_to_each_checkpoints_gradient_scale():
+    """Gradients shrink as training goes on. A sample whose gradients are large but keep their pattern must not
+    look unstable because of that shrinking; the one whose pattern changes between checkpoints is the suspect."""
+    rng = np.random.default_rng(3)
+    label = np.zeros((8, 8, 8), np.int16)
+    label[2:6, 2:6, 2:6] = 1
+    base = {s: rng.normal(0, 5.0 if s == 0 else 1.0, label.shape) for s in range(6)}
+    sig = LabelErrorSignals(ids=[5])
+    for ck in range(4):
+        decay = 10.0 ** -ck
+        for s in range(6):
+            g = base[s] * (rng.choice([-1.0, 1.0], label.shape) if s == 3 else 1.0)
+            sig.update(f"s{s}", g * decay, np.full(label.shape, 0.1), label, label)
+    sc = sig.scores()
+    assert suspects(sc, "vog")[0][0] == "s3"
+    assert sc["s0"]["structures"][0]["vog"] < 1e-6 < sc["s3"]["structures"][0]["vog"]
+    assert sc["s3"]["checkpoints"] == 4
+    with pytest.raises(ValueError):
+        sig.update("s1", np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))
+
+
 def test_auroc():
     assert auroc([0.9, 0.8, 0.1], [1, 0, 0]) == 1.0
     assert auroc([0.5, 0.5], [1, 0]) == 0.5
@@ -200,6 +244,7 @@ def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
     out = str(tmp_path / "ft.pt")
     res = finetune(corr, out, epochs=3, synthetic=1, val_fraction=0.25)
     assert res["cases"] == 4 and res["real_samples"] > 0 and res["held_out_real_samples"] > 0
+    assert sorted(res["trained_cases"] + res["val_cases"]) == ["c0", "c1", "c2", "c3"] and res["val_cases"]
     # measured with the shipped weights (lr 2e-4 then): held-out real MAE 0.093 -> 0.047 after 3 epochs
     assert res["accepted"] and res["mae_after"] < res["mae_before"] and os.path.isfile(out)
     assert QualityEstimator.load(out).version == res["version"] != weights_version()
