@@ -9,8 +9,9 @@ Two signals, gathered by the trainer at several checkpoints of one training run 
   by that checkpoint's mean absolute gradient over all samples: gradients shrink by orders of magnitude as
   training goes on, and without this the variance mostly measures how large the first checkpoint's gradients
   were, not how unstable a sample is. The per-voxel variance is accumulated with Welford's update (memory:
-  three maps per sample, whatever the number of checkpoints: a checkpoint's map waits until the checkpoint
-  is complete and its scale known); a structure's VoG is the mean variance over the voxels whose label is in
+  three float maps per sample, whatever the number of checkpoints: a checkpoint's map waits until the
+  checkpoint is complete and its scale known; plus the label and one 64-bit set per voxel of the classes the
+  network gave it, whatever the number of structures up to 63); a structure's VoG is the mean variance over the voxels whose label is in
   question: where the label and the network (at some checkpoint) disagree about the structure, and the
   label's surface. A missing or under-segmented structure is still looked at (the network's voxels count),
   and an error on the boundary of a large structure is not diluted by its interior.
@@ -69,7 +70,11 @@ class LabelErrorSignals:
         self._voxels: dict[int, int] = {}
         self._seen: dict[str, int] = {}  # sample -> checkpoints given
         self._loss: dict[str, dict[int, list[float]]] = {}
-        self._pred_any: dict[str, dict[int, np.ndarray]] = {}  # sample -> class -> the network gave it, at some checkpoint
+        # sample -> bit sets: bit c % 64 of word c // 64 of a voxel is set once the network gave class c to it at
+        # some checkpoint (8 bytes a voxel up to 63 classes, instead of one map per class: a CT with 60
+        # structures would need 60 maps per sample)
+        self._pred_bits: dict[str, list[np.ndarray]] = {}
+        self._classes: dict[str, set[int]] = {}  # sample -> classes in its label or its predictions
         self._label: dict[str, np.ndarray] = {}
 
     def _sid(self, c: int) -> int:
@@ -98,14 +103,20 @@ class LabelErrorSignals:
         self._abs_sum[k] = self._abs_sum.get(k, 0.0) + float(np.abs(grad, dtype=np.float64).sum())
         self._voxels[k] = self._voxels.get(k, 0) + grad.size
         loss = self._loss.setdefault(sample, {})
-        pred_any = self._pred_any.setdefault(sample, {})
         label = np.asarray(label)
-        self._label[sample] = label
+        pred = np.asarray(pred)
+        self._label[sample] = label.astype(np.int16) if label.size and 0 <= label.min() and label.max() < 2**15 else label
         classes = (set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {0}
+        self._classes[sample] = self._classes.get(sample, set()) | classes
+        bits = self._pred_bits.setdefault(sample, [])
+        p64 = pred.astype(np.uint64)
+        for w in range(int(pred.max()) // 64 + 1 if pred.size else 0):
+            if w == len(bits):
+                bits.append(np.zeros(pred.shape, np.uint64))
+            sel = (p64 >> np.uint64(6)) == w
+            bits[w] |= np.where(sel, np.left_shift(np.uint64(1), p64 & np.uint64(63)), np.uint64(0))
         for c in sorted(classes):
-            p = pred == c
-            pred_any[c] = pred_any[c] | p if c in pred_any else p
-            loss.setdefault(c, []).append(float(ce[(label == c) | p].mean()))
+            loss.setdefault(c, []).append(float(ce[(label == c) | (pred == c)].mean()))
 
     @property
     def checkpoints(self) -> int:
@@ -127,11 +138,13 @@ class LabelErrorSignals:
         surface (one voxel either side). Averaging over the whole structure instead dilutes an error on its
         boundary in its interior, where label and network agree."""
         label = self._label[sample]
-        pred_any = self._pred_any[sample]
+        bits = self._pred_bits[sample]
         objs = ndimage.find_objects(label.astype(np.int64, copy=False))
         out = {}
-        for c, pa in pred_any.items():
+        for c in sorted(self._classes[sample]):
             m = label == c
+            w = c // 64
+            pa = ((bits[w] >> np.uint64(c % 64)) & np.uint64(1)).astype(bool) if w < len(bits) else np.zeros_like(m)
             reg = pa ^ m
             sl = objs[c - 1] if 0 < c <= len(objs) else None
             if sl is not None:

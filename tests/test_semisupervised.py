@@ -214,6 +214,25 @@ def test_vog_is_taken_relative_to_each_checkpoints_gradient_scale():
         sig.update("s1", np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))
 
 
+def test_vog_regions_with_more_classes_than_one_bit_word():
+    """The classes the network gave a voxel at any checkpoint are kept as bits (64 per word); with 130 classes
+    the regions must be those of one boolean map per class."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    label = rng.integers(0, 130, (12, 10, 8))
+    preds = [np.where(rng.random(label.shape) < 0.3, rng.integers(0, 130, label.shape), label) for _ in range(3)]
+    sig = LabelErrorSignals()
+    for p in preds:
+        sig.update("a", rng.normal(size=label.shape), rng.random(label.shape), p, label)
+    regions = sig._vog_regions("a")
+    assert sorted(regions) == sorted(set(np.unique(label).tolist()) - {0})
+    for c, reg in regions.items():
+        m = label == c
+        expect = (np.any([p == c for p in preds], axis=0) ^ m) | (ndimage.binary_dilation(m) & ~ndimage.binary_erosion(m))
+        assert np.array_equal(reg, expect), c
+
+
 def test_auroc():
     assert auroc([0.9, 0.8, 0.1], [1, 0, 0]) == 1.0
     assert auroc([0.5, 0.5], [1, 0]) == 0.5
