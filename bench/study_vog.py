@@ -47,9 +47,7 @@ class UnscaledUnionVoG(LabelErrorSignals):
         for s, d in out.items():
             var = self._raw_grad[s].variance()
             for c in d:
-                w = self._pred_bits[s][c // 64]
-                pred_any = ((w >> np.uint64(c % 64)) & np.uint64(1)).astype(bool)
-                d[c]["vog"] = float(var[(self._label[s] == c) | pred_any].mean())
+                d[c]["vog"] = float(var[(self._label[s] == c) | self._pred_any(s, c)].mean())
         return out
 
 

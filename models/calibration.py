@@ -88,7 +88,8 @@ class Calibration:
         ``conformal``: per pair, whether the estimator's weights were *not* trained on it. A fine-tuned
         estimator fits its own training pairs better than new labels, so their residuals would make the bound
         too tight (in the recalibration benchmark its 90% bound covered only 73% to 84% of new labels). Only
-        the pairs marked here give the conformal residuals (and ``mae_after``); the map and offsets use all.
+        the pairs marked here give the conformal residuals (and ``mae_before``/``mae_after``); the map and
+        offsets use all.
         With fewer than ``MIN_PAIRS`` of them the bound falls back to the prior one."""
         p = np.clip(np.asarray(predicted, float), 0, 1)
         t = np.clip(np.asarray(true, float), 0, 1)

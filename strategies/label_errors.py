@@ -10,10 +10,10 @@ Two signals, gathered by the trainer at several checkpoints of one training run 
   training goes on, and without this the variance mostly measures how large the first checkpoint's gradients
   were, not how unstable a sample is. The per-voxel variance is accumulated with Welford's update (memory:
   three float maps per sample, whatever the number of checkpoints: a checkpoint's map waits until the
-  checkpoint is complete and its scale known; plus the label and one 64-bit set per voxel of the classes the
-  network gave it, whatever the number of structures up to 63); a structure's VoG is the mean variance over the voxels whose label is in
-  question: where the label and the network (at some checkpoint) disagree about the structure, and the
-  label's surface. A missing or under-segmented structure is still looked at (the network's voxels count),
+  checkpoint is complete and its scale known; plus the label and one 64-bit set per voxel of the classes
+  the network gave it, whatever the number of structures up to 63). A structure's VoG is the mean variance
+  over the voxels whose label is in question: where the label and the network (at some checkpoint)
+  disagree about the structure, and the label's surface. A missing or under-segmented structure is still looked at (the network's voxels count),
   and an error on the boundary of a large structure is not diluted by its interior.
 - **loss**: the mean cross-entropy of the label over the voxels the label *or* the network gives to the
   structure, averaged over checkpoints.
@@ -68,7 +68,6 @@ class LabelErrorSignals:
         self._pending: dict[str, tuple[int, np.ndarray]] = {}  # sample -> (checkpoint, raw gradient map)
         self._abs_sum: dict[int, float] = {}  # checkpoint -> sum of |gradient| over every sample's voxels
         self._voxels: dict[int, int] = {}
-        self._seen: dict[str, int] = {}  # sample -> checkpoints given
         self._loss: dict[str, dict[int, list[float]]] = {}
         # sample -> bit sets: bit c % 64 of word c // 64 of a voxel is set once the network gave class c to it at
         # some checkpoint (8 bytes a voxel up to 63 classes, instead of one map per class: a CT with 60
@@ -92,13 +91,12 @@ class LabelErrorSignals:
         """One checkpoint of one sample: input-gradient map, per-voxel cross-entropy of the label, the
         network's prediction and the label (class indices, same shape)."""
         grad = np.asarray(grad, np.float32)
-        prev = self._pending[sample][1] if sample in self._pending else getattr(self._grad.get(sample), "mean", None)
-        if prev is not None and prev.shape != grad.shape:
-            raise ValueError(f"shape changed between updates: {prev.shape} then {grad.shape}")
-        if sample in self._pending:
+        if sample in self._pending:  # the previous checkpoint is complete: its scale is known
             self._fold(sample)
-        k = self._seen.get(sample, 0)
-        self._seen[sample] = k + 1
+        w = self._grad.get(sample)
+        if w is not None and w.mean.shape != grad.shape:
+            raise ValueError(f"shape changed between updates: {w.mean.shape} then {grad.shape}")
+        k = w.n if w is not None else 0  # this sample's checkpoint index: every earlier map is folded
         self._pending[sample] = (k, grad.copy())
         self._abs_sum[k] = self._abs_sum.get(k, 0.0) + float(np.abs(grad, dtype=np.float64).sum())
         self._voxels[k] = self._voxels.get(k, 0) + grad.size
@@ -120,7 +118,14 @@ class LabelErrorSignals:
 
     @property
     def checkpoints(self) -> int:
-        return max(self._seen.values(), default=0)
+        return max(((self._grad[s].n if s in self._grad else 0) + (s in self._pending) for s in self._label), default=0)
+
+    def _pred_any(self, sample: str, c: int) -> np.ndarray:
+        """Voxels the network gave to class ``c`` of ``sample`` at some checkpoint."""
+        bits, w = self._pred_bits[sample], c // 64
+        if w >= len(bits):
+            return np.zeros(self._label[sample].shape, bool)
+        return ((bits[w] >> np.uint64(c % 64)) & np.uint64(1)).astype(bool)
 
     def raw(self) -> dict[str, dict[int, dict]]:
         for s in list(self._pending):
@@ -138,14 +143,11 @@ class LabelErrorSignals:
         surface (one voxel either side). Averaging over the whole structure instead dilutes an error on its
         boundary in its interior, where label and network agree."""
         label = self._label[sample]
-        bits = self._pred_bits[sample]
         objs = ndimage.find_objects(label.astype(np.int64, copy=False))
         out = {}
         for c in sorted(self._classes[sample]):
             m = label == c
-            w = c // 64
-            pa = ((bits[w] >> np.uint64(c % 64)) & np.uint64(1)).astype(bool) if w < len(bits) else np.zeros_like(m)
-            reg = pa ^ m
+            reg = self._pred_any(sample, c) ^ m
             sl = objs[c - 1] if 0 < c <= len(objs) else None
             if sl is not None:
                 box = tuple(slice(max(a.start - 1, 0), min(a.stop + 1, n)) for a, n in zip(sl, label.shape))
