@@ -280,3 +280,39 @@ def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
     assert not res2["accepted"] and res2["weights"] is None and not os.path.exists(tmp_path / "ft2.pt")
     with pytest.raises(ValueError):
         finetune(corr[:1], out)
+
+
+def test_partial_corrections_keep_the_source_errors_in_blobs():
+    """A label between a pseudo-label and its correction: every voxel is the pseudo-label's or the final
+    label's, the share of the disagreement kept grows with ``fraction``, and so the Dice against the final
+    label falls from 1 towards the pseudo-label's own."""
+    from labelsentinel.models.degradations import degrade, structure_dice
+    from labelsentinel.models.estimator_finetune import partial_corrections
+    from labelsentinel.sampledata import SPACING, make_phantom
+
+    rng = np.random.default_rng(5)
+    _, final, _ = make_phantom(rng)
+    pseudo = final.copy()
+    for sid in sorted(int(x) for x in np.unique(final) if x):
+        pseudo = degrade(pseudo, sid, "dilate_mm", SPACING, rng, severity=0.6).label
+    diff = pseudo != final
+    ids = sorted(int(x) for x in np.unique(final) if x)
+    kept, dices = [], []
+    for f in (0.125, 0.5, 0.875):
+        mix = partial_corrections(pseudo, final, SPACING, np.random.default_rng(1), fraction=f)
+        assert ((mix == pseudo) | (mix == final)).all()
+        assert (mix[~diff] == final[~diff]).all()
+        kept.append(float((mix[diff] == pseudo[diff]).mean()))
+        dices.append(float(np.mean(list(structure_dice(mix, final, ids).values()))))
+    assert all(abs(k - f) < 0.05 for k, f in zip(kept, (0.125, 0.5, 0.875))), kept
+    pseudo_dice = float(np.mean(list(structure_dice(pseudo, final, ids).values())))
+    assert 1.0 > dices[0] > dices[1] > dices[2] > pseudo_dice, (dices, pseudo_dice)
+    assert (partial_corrections(pseudo, final, SPACING, rng, fraction=1.0) == pseudo).all()
+    # the kept errors come in blobs, not scattered voxels: far fewer pieces than a random scatter of as many
+    from scipy import ndimage
+
+    keep = partial_corrections(pseudo, final, SPACING, np.random.default_rng(2), fraction=0.5) != final
+    scatter = np.zeros_like(diff)
+    idx = np.flatnonzero(diff)
+    scatter.flat[np.random.default_rng(3).choice(idx, int(keep.sum()), replace=False)] = True
+    assert ndimage.label(keep)[1] < 0.2 * ndimage.label(scatter)[1]

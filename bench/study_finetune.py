@@ -1,0 +1,86 @@
+"""Fine-tuning the estimator on 10 corrected cases of a shifted pseudo-label source: which training samples help.
+
+Not part of `make bench` (about 1 to 3 minutes per fine-tuning on 2 CPU cores). The condition is the
+calibration benchmark's (``bench_semisupervised.py --part calibration``): 60 phantoms of ``--source`` (default
+``compound``), 10 of the first 20 corrected (same 3 draws), the 40 others measure the MAE after fine-tuning and
+recalibration. Each variant is a set of keyword arguments of ``finetune`` (JSON), for example
+``'{"partial": 0}'`` (no partial corrections, the behaviour before) or ``'{"partial": 8, "synthetic": 0}'``.
+
+Usage: python bench/study_finetune.py [--source compound] [--cases 10] [--variants JSON ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_semisupervised as B  # noqa: E402
+from common import update_section  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", default="compound", choices=sorted(B.SOURCES))
+    ap.add_argument("--cases", type=int, default=10)
+    ap.add_argument("--variants", nargs="+", default=['{"partial": 0}', '{"partial": 4}', '{"partial": 8}', '{"partial": 16}'])
+    args = ap.parse_args()
+    import torch
+
+    from labelsentinel.io import save_nifti
+    from labelsentinel.models.estimator import QualityEstimator
+    from labelsentinel.models.estimator_finetune import Correction, finetune
+    from labelsentinel.sampledata import PHANTOM_LABELS, SPACING
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    est = QualityEstimator.load()
+    prior = float(est.checkpoint["validation"]["estimator"]["mae"])
+    tmp = tempfile.mkdtemp(prefix="ls-ftstudy-")
+    aff = np.diag([*SPACING, 1.0])
+    data = []
+    for i, (img, truth) in enumerate(B.phantoms(6000, 60)):  # the calibration benchmark's labels
+        lab, dices = B.SOURCES[args.source][1](truth, np.random.default_rng([6000, i, 1]))
+        paths = [os.path.join(tmp, f"{i}_{n}.nii.gz") for n in ("image", "pseudo", "final")]
+        if i < 20:
+            for pth, arr in zip(paths, (img.astype(np.float32), lab.astype(np.int16), truth)):
+                save_nifti(pth, arr, aff)
+        data.append((img, lab, dices, paths))
+    cases = B._score_source(est, data)
+    test = np.array([p for c in cases[20:] for p in c])
+    raw = float(np.mean(np.abs(test[:, 0] - test[:, 1])))
+    rows = []
+    for v in args.variants:
+        kw = json.loads(v)
+        maes, secs = [], []
+        for draw in range(B.FT_DRAWS):
+            pick = np.random.default_rng([draw, args.cases]).choice(20, args.cases, replace=False)
+            corr = [Correction(str(j), *data[j][3], PHANTOM_LABELS) for j in pick]
+            t1 = time.time()
+            out = finetune(corr, os.path.join(tmp, f"ft_{draw}.pt"), seed=draw, **kw)
+            secs.append(time.time() - t1)
+            ft = QualityEstimator.load(out["weights"]) if out["accepted"] else est
+            sc = B._score_source(ft, data) if out["accepted"] else cases
+            ftest = np.array([p for c in sc[20:] for p in c])
+            trained = [j for j in pick if str(j) in out.get("trained_cases", [])] if out["accepted"] else []
+            m, cover = B._calibrated_mae(sc, pick, ftest, prior, trained)
+            maes.append(m)
+            print(f"{v} draw {draw}: accepted {out['accepted']}, MAE {m:.3f}, coverage {cover:.2f} ({secs[-1]:.0f} s)", flush=True)
+        rows.append((v, maes, float(np.mean(secs))))
+    md = [f"Source `{args.source}`, {args.cases} corrected cases, {B.FT_DRAWS} draws (the calibration benchmark's); "
+          f"raw estimator MAE {raw:.3f}. MAE after fine-tuning and recalibration:", "",
+          "| `finetune` arguments | MAE per draw | mean | seconds per fine-tuning |", "|---|---|---|---|"]
+    md += [f"| `{v}` | {' / '.join(f'{m:.3f}' for m in maes)} | {np.mean(maes):.4f} | {s:.0f} |" for v, maes, s in rows]
+    md += ["", f"_study_finetune: {time.time() - t0:.0f} s on this machine._"]
+    md = "\n".join(md)
+    print(md)
+    update_section(f"study-finetune-{args.source}-{args.cases}",
+                   f"## Issue 5: fine-tuning study (`python bench/study_finetune.py --source {args.source} --cases {args.cases}`)\n\n" + md)
+
+
+if __name__ == "__main__":
+    main()
