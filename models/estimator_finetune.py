@@ -113,7 +113,8 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
     0.030. ``bench/study_finetune.py`` on the compound source at 10 cases: ``partial`` 0 / 4 / 8 / 16 gave
     0.060 / 0.057 / 0.056 / 0.057 (3 draws each; sd over draws about 0.004). In a first study (the random
     field then drawn over the whole volume), 8 without synthetic samples gave 0.061 or worse, and 4 with the
-    partial samples at weight 1 instead of ``real_weight`` 0.058. With the default 8: about 100 s for 10 cases on 2 CPU cores (42 s without)."""
+    partial samples at weight 1 instead of ``real_weight`` 0.058. With the default 8: about 100 s for 10
+    cases on 2 CPU cores (42 s without)."""
     from labelsentinel.models.estimator_train import weight
     if len(corrections) < 2:
         raise ValueError(f"fine-tuning needs at least 2 corrected cases, got {len(corrections)}")
