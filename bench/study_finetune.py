@@ -40,7 +40,8 @@ def main():
     t0 = time.time()
     est = QualityEstimator.load()
     prior = float(est.checkpoint["validation"]["estimator"]["mae"])
-    tmp = tempfile.mkdtemp(prefix="ls-ftstudy-")
+    tmpdir = tempfile.TemporaryDirectory(prefix="ls-ftstudy-")  # removed at exit: fine-tuned weights, phantoms
+    tmp = tmpdir.name
     aff = np.diag([*SPACING, 1.0])
     data = []
     for i, (img, truth) in enumerate(B.phantoms(6000, 60)):  # the calibration benchmark's labels
