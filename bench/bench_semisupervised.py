@@ -175,13 +175,43 @@ def _calibrated_mae(cases, pick, test, prior, trained=()):
 FT_DRAWS = 3
 
 
+def calibration_data(key, tmp):
+    """The 60 labels of source ``key`` (phantoms of seed 6000) as ``(image, label, true Dice, paths)``; the
+    first 20, the correctable cases, are also written to files: fine-tuning reads them, as the server does."""
+    from labelsentinel.io import save_nifti
+    from labelsentinel.sampledata import SPACING
+
+    aff = np.diag([*SPACING, 1.0])
+    data = []
+    for i, (img, truth) in enumerate(phantoms(6000, 60)):
+        lab, dices = SOURCES[key][1](truth, np.random.default_rng([6000, i, 1]))
+        paths = [os.path.join(tmp, f"{key}_{i}_{n}.nii.gz") for n in ("image", "pseudo", "final")]
+        if i < 20:
+            for pth, arr in zip(paths, (img.astype(np.float32), lab.astype(np.int16), truth)):
+                save_nifti(pth, arr, aff)
+        data.append((img, lab, dices, paths))
+    return data
+
+
+def finetuned_mae(est, data, cases, pick, prior, out, seed, **kw):
+    """Fine-tune ``est`` on the picked cases with the server's acceptance rule, re-score every label with the
+    result and refit the calibration on the picked cases: ``(MAE, coverage of the 90% bound, finetune result)``
+    on the 40 held-out labels."""
+    from labelsentinel.models.estimator import QualityEstimator
+    from labelsentinel.models.estimator_finetune import Correction, finetune
+    from labelsentinel.sampledata import PHANTOM_LABELS
+
+    res = finetune([Correction(str(j), *data[j][3], PHANTOM_LABELS) for j in pick], out, seed=seed, **kw)
+    sc = _score_source(QualityEstimator.load(res["weights"]), data) if res["accepted"] else cases
+    trained = [j for j in pick if str(j) in res["trained_cases"]] if res["accepted"] else []
+    m, cover = _calibrated_mae(sc, pick, np.array([p for c in sc[20:] for p in c]), prior, trained)
+    return m, cover, res
+
+
 def part_calibration(args):
     import tempfile
 
-    from labelsentinel.io import save_nifti
     from labelsentinel.models.estimator import QualityEstimator
-    from labelsentinel.models.estimator_finetune import Correction, finetune
-    from labelsentinel.sampledata import PHANTOM_LABELS, SPACING
 
     est = QualityEstimator.load()
     prior = float(est.checkpoint["validation"]["estimator"]["mae"])
@@ -193,19 +223,11 @@ def part_calibration(args):
           f"with its acceptance rule; then every label is re-scored and the calibration refitted on the new "
           f"weights' predictions): {FT_DRAWS} draws per row.", ""]
     verdicts = []
-    tmp = tempfile.mkdtemp(prefix="ls-calib-")
-    aff = np.diag([*SPACING, 1.0])
-    for key, (desc, make) in SOURCES.items():
-        data = []
+    tmpdir = tempfile.TemporaryDirectory(prefix="ls-calib-")  # removed at exit: phantoms, fine-tuned weights
+    tmp = tmpdir.name
+    for key, (desc, _) in SOURCES.items():
         t0 = time.time()
-        for i, (img, truth) in enumerate(phantoms(6000, 60)):
-            rng = np.random.default_rng([6000, i, 1])
-            lab, dices = make(truth, rng)
-            paths = [os.path.join(tmp, f"{key}_{i}_{n}.nii.gz") for n in ("image", "pseudo", "final")]
-            if i < 20:  # the correctable cases: fine-tuning reads them from files, as the server does
-                for pth, arr in zip(paths, (img.astype(np.float32), lab.astype(np.int16), truth)):
-                    save_nifti(pth, arr, aff)
-            data.append((img, lab, dices, paths))
+        data = calibration_data(key, tmp)
         cases = _score_source(est, data)
         print(f"  calibration ({key}): 60 labels scored in {time.time() - t0:.0f} s", flush=True)
         test = np.array([p for c in cases[20:] for p in c])
@@ -223,15 +245,10 @@ def part_calibration(args):
             maes, covers, acc = [], [], 0
             for draw in range(FT_DRAWS):
                 pick = np.random.default_rng([draw, k]).choice(20, k, replace=False)
-                corr = [Correction(str(j), *data[j][3], PHANTOM_LABELS) for j in pick]
                 t1 = time.time()
-                out = finetune(corr, os.path.join(tmp, f"ft_{key}_{k}_{draw}.pt"), seed=draw)
-                ft = QualityEstimator.load(out["weights"]) if out["accepted"] else est
+                m, c, out = finetuned_mae(est, data, cases, pick, prior, os.path.join(tmp, f"ft_{key}_{k}_{draw}.pt"),
+                                          seed=draw)
                 acc += bool(out["accepted"])
-                sc = _score_source(ft, data) if out["accepted"] else cases
-                ftest = np.array([p for c in sc[20:] for p in c])
-                trained = [j for j in pick if str(j) in out.get("trained_cases", [])] if out["accepted"] else []
-                m, c = _calibrated_mae(sc, pick, ftest, prior, trained)
                 maes.append(m)
                 covers.append(c)
                 print(f"  calibration ({key}): fine-tuned on {k} cases, draw {draw}: accepted {out['accepted']}, "

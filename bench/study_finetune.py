@@ -31,46 +31,29 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from labelsentinel.io import save_nifti
     from labelsentinel.models.estimator import QualityEstimator
-    from labelsentinel.models.estimator_finetune import Correction, finetune
-    from labelsentinel.sampledata import PHANTOM_LABELS, SPACING
 
     torch.set_num_threads(2)
     t0 = time.time()
     est = QualityEstimator.load()
     prior = float(est.checkpoint["validation"]["estimator"]["mae"])
     tmpdir = tempfile.TemporaryDirectory(prefix="ls-ftstudy-")  # removed at exit: fine-tuned weights, phantoms
-    tmp = tmpdir.name
-    aff = np.diag([*SPACING, 1.0])
-    data = []
-    for i, (img, truth) in enumerate(B.phantoms(6000, 60)):  # the calibration benchmark's labels
-        lab, dices = B.SOURCES[args.source][1](truth, np.random.default_rng([6000, i, 1]))
-        paths = [os.path.join(tmp, f"{i}_{n}.nii.gz") for n in ("image", "pseudo", "final")]
-        if i < 20:
-            for pth, arr in zip(paths, (img.astype(np.float32), lab.astype(np.int16), truth)):
-                save_nifti(pth, arr, aff)
-        data.append((img, lab, dices, paths))
+    data = B.calibration_data(args.source, tmpdir.name)  # the calibration benchmark's labels
     cases = B._score_source(est, data)
     test = np.array([p for c in cases[20:] for p in c])
     raw = float(np.mean(np.abs(test[:, 0] - test[:, 1])))
     rows = []
     for v in args.variants:
-        kw = json.loads(v)
         maes, secs = [], []
         for draw in range(B.FT_DRAWS):
             pick = np.random.default_rng([draw, args.cases]).choice(20, args.cases, replace=False)
-            corr = [Correction(str(j), *data[j][3], PHANTOM_LABELS) for j in pick]
             t1 = time.time()
-            out = finetune(corr, os.path.join(tmp, f"ft_{draw}.pt"), seed=draw, **kw)
+            m, cover, out = B.finetuned_mae(est, data, cases, pick, prior, os.path.join(tmpdir.name, f"ft_{draw}.pt"),
+                                            seed=draw, **json.loads(v))
             secs.append(time.time() - t1)
-            ft = QualityEstimator.load(out["weights"]) if out["accepted"] else est
-            sc = B._score_source(ft, data) if out["accepted"] else cases
-            ftest = np.array([p for c in sc[20:] for p in c])
-            trained = [j for j in pick if str(j) in out.get("trained_cases", [])] if out["accepted"] else []
-            m, cover = B._calibrated_mae(sc, pick, ftest, prior, trained)
             maes.append(m)
-            print(f"{v} draw {draw}: accepted {out['accepted']}, MAE {m:.3f}, coverage {cover:.2f} ({secs[-1]:.0f} s)", flush=True)
+            print(f"{v} draw {draw}: accepted {out['accepted']}, MAE {m:.3f}, coverage {cover:.2f} ({secs[-1]:.0f} s)",
+                  flush=True)
         rows.append((v, maes, float(np.mean(secs))))
     md = [f"Source `{args.source}`, {args.cases} corrected cases, {B.FT_DRAWS} draws (the calibration benchmark's); "
           f"raw estimator MAE {raw:.3f}. MAE after fine-tuning and recalibration:", "",

@@ -50,8 +50,10 @@ def partial_corrections(pseudo: np.ndarray, final: np.ndarray, spacing, rng, fra
     from scipy import ndimage
 
     diff = pseudo != final
-    if fraction >= 1.0 or not diff.any():
-        return pseudo.copy() if fraction >= 1.0 else final.copy()
+    if fraction >= 1.0:
+        return pseudo.copy()
+    if not diff.any():
+        return final.copy()
     sigma = [max(blob_mm / s, 0.5) for s in spacing]
     # the random field only over the disagreement's bounding box: a large CT costs what its errors cost
     box = ndimage.find_objects(diff.astype(np.uint8))[0]
@@ -62,32 +64,35 @@ def partial_corrections(pseudo: np.ndarray, final: np.ndarray, spacing, rng, fra
     return out
 
 
-def _samples(est: QualityEstimator, corr: Correction, synthetic: int, seed: int, partial: int = 0):
+def _rows(img, lab, final, sp, names) -> list[tuple]:
+    """One training row per structure of ``lab``: its crop, features, name and true Dice against ``final``."""
+    ids = sorted(int(i) for i in np.unique(lab) if i)
+    true = D.structure_dice(lab, final, ids)
+    return [(s.crop, s.features, names.get(s.id), float(true[s.id]))
+            for s in extract_samples(img, lab, sp, ids=ids, validate=False)]
+
+
+def _samples(corr: Correction, synthetic: int, seed: int, partial: int = 0):
+    """Real rows (the pseudo-label's structures), synthetic rows (degradations of the final label) and
+    partial-correction rows of one corrected case."""
     image, pseudo, final = load_image(corr.image), load_label(corr.pseudo), load_label(corr.final)
     check_same_grid(image, pseudo)
     check_same_grid(image, final)
-    img, sp = image.array, image.spacing
-    real, syn = [], []
-    ids = sorted(int(i) for i in np.unique(pseudo.array) if i)
-    true = D.structure_dice(pseudo.array, final.array, ids)
-    for s in extract_samples(img, pseudo.array, sp, ids=ids, validate=False):
-        real.append((s.crop, s.features, corr.names.get(s.id), float(true[s.id])))
-    fids = sorted(int(i) for i in np.unique(final.array) if i)
-    for sid in fids:
+    img, sp, case = image.array, image.spacing, zlib.crc32(corr.case.encode())
+    real = _rows(img, pseudo.array, final.array, sp, corr.names)
+    syn = []
+    for sid in sorted(int(i) for i in np.unique(final.array) if i):
         for k in range(synthetic):
-            rng = np.random.default_rng([seed, sid, k, zlib.crc32(corr.case.encode())])
+            rng = np.random.default_rng([seed, sid, k, case])
             deg = D.random_degradation(final.array, sp, rng, names=corr.names, structure_ids=[sid], image=img)
             s = extract_samples(img, deg.label, sp, ids=[sid], validate=False)
             if s:
                 syn.append((s[0].crop, s[0].features, corr.names.get(sid), float(deg.true_dice)))
     part = []
     for k in range(partial):
-        rng = np.random.default_rng([seed, 1 << 20, k, zlib.crc32(corr.case.encode())])
-        mix = partial_corrections(pseudo.array, final.array, sp, rng, fraction=(k + 0.5) / partial)
-        pids = sorted(int(i) for i in np.unique(mix) if i)
-        d = D.structure_dice(mix, final.array, pids)
-        for s in extract_samples(img, mix, sp, ids=pids, validate=False):
-            part.append((s.crop, s.features, corr.names.get(s.id), float(d[s.id])))
+        mix = partial_corrections(pseudo.array, final.array, sp, np.random.default_rng([seed, 1 << 20, k, case]),
+                                  fraction=(k + 0.5) / partial)
+        part.extend(_rows(img, mix, final.array, sp, corr.names))
     return real, syn, part
 
 
@@ -100,21 +105,14 @@ def _stack(est, rows):
 
 def finetune(corrections: list[Correction], out: str, weights: str | None = None, epochs: int = 60,
              lr: float = 1e-3, synthetic: int = 4, real_weight: float = 3.0, val_fraction: float = 0.25,
-             seed: int = 0, progress=None, min_gain: float = MIN_GAIN, partial: int = 8,
-             partial_weight: float | None = None) -> dict:
+             seed: int = 0, progress=None, min_gain: float = MIN_GAIN, partial: int = 8) -> dict:
     """Fine-tune; write ``out`` only if it beats the current weights on held-out corrected cases by at least
     ``min_gain`` MAE (a smaller difference on a few held-out cases is noise: even a run at learning rate 0
     moves the batch-norm statistics).
 
-    Defaults: 60 epochs at lr 1e-3 (the estimator's training rate), with the best held-out epoch kept. In the
-    recalibration benchmark (3 draws) without partial corrections they gave, after fine-tuning and
-    recalibration, MAE 0.060 (compound) and 0.045 (dilated) with 10 corrected cases, 0.051 and 0.032 with 20,
-    against 0.066, 0.045, 0.057 and 0.035 with 15 epochs at 2e-4. With ``partial`` 8: 0.056, 0.039, 0.047 and
-    0.030. ``bench/study_finetune.py`` on the compound source at 10 cases: ``partial`` 0 / 4 / 8 / 16 gave
-    0.060 / 0.057 / 0.056 / 0.057 (3 draws each; sd over draws about 0.004). In a first study (the random
-    field then drawn over the whole volume), 8 without synthetic samples gave 0.061 or worse, and 4 with the
-    partial samples at weight 1 instead of ``real_weight`` 0.058. With the default 8: about 100 s for 10
-    cases on 2 CPU cores (42 s without)."""
+    Defaults: 60 epochs at lr 1e-3 (the estimator's training rate), with the best held-out epoch kept, and 8
+    partial corrections per case; about 100 s for 10 cases on 2 CPU cores (42 s without partial corrections).
+    How they were chosen, with the MAEs they give: BENCHMARKS.md (calibration section and fine-tuning study)."""
     from labelsentinel.models.estimator_train import weight
     if len(corrections) < 2:
         raise ValueError(f"fine-tuning needs at least 2 corrected cases, got {len(corrections)}")
@@ -127,19 +125,19 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
     val_cases = set(rng.permutation(cases)[:n_val].tolist())
     tr_real, tr_syn, tr_part, va_real = [], [], [], []
     for i, c in enumerate(corrections):
-        real, syn, part = _samples(est, c, synthetic, seed, partial if c.case not in val_cases else 0)
-        (va_real if c.case in val_cases else tr_real).extend(real)
-        if c.case not in val_cases:
-            tr_syn.extend(syn)
-            tr_part.extend(part)
-        log(f"fine-tune samples [{i + 1}/{len(corrections)}] {c.case}: {len(real)} real, {len(syn)} synthetic, {len(part)} partial")
+        held_out = c.case in val_cases  # gives real rows only: the MAE that decides is taken on them
+        real, syn, part = _samples(c, 0 if held_out else synthetic, seed, 0 if held_out else partial)
+        (va_real if held_out else tr_real).extend(real)
+        tr_syn.extend(syn)
+        tr_part.extend(part)
+        log(f"fine-tune samples [{i + 1}/{len(corrections)}] {c.case}: {len(real)} real, {len(syn)} synthetic, "
+            f"{len(part)} partial")
     if not tr_real or not va_real:
         raise ValueError("fine-tuning needs real structure samples in both the training and held-out cases")
     net = copy.deepcopy(est.net).float().train()
     rows = tr_real + tr_part + tr_syn
     X = _stack(est, rows)
-    pw = real_weight if partial_weight is None else partial_weight
-    w = torch.tensor([real_weight] * len(tr_real) + [pw] * len(tr_part) + [1.0] * len(tr_syn))
+    w = torch.tensor([real_weight] * (len(tr_real) + len(tr_part)) + [1.0] * len(tr_syn))
     V = _stack(est, va_real)
 
     def mae(model):
@@ -174,9 +172,10 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
     # every case these weights were trained on (this run's and those of the fine-tunings they start from): the
     # calibration must not take its conformal residuals from them
     trained = sorted(set(cases) - val_cases | set(est.checkpoint.get("finetuned", {}).get("trained_cases", [])))
-    result = {"cases": len(cases), "val_cases": sorted(val_cases), "trained_cases": trained, "real_samples": len(tr_real),
-              "synthetic_samples": len(tr_syn), "partial_samples": len(tr_part), "held_out_real_samples": len(va_real), "mae_before": round(before, 4),
-              "mae_after": round(best, 4), "base_version": est.version, "seconds": round(time.time() - t0, 1)}
+    result = {"cases": len(cases), "val_cases": sorted(val_cases), "trained_cases": trained,
+              "real_samples": len(tr_real), "synthetic_samples": len(tr_syn), "partial_samples": len(tr_part),
+              "held_out_real_samples": len(va_real), "mae_before": round(before, 4), "mae_after": round(best, 4),
+              "base_version": est.version, "seconds": round(time.time() - t0, 1)}
     if best_state is None or best > before - min_gain:
         result.update(accepted=False, weights=None)
         log(f"fine-tuning kept the current weights (held-out MAE {before:.4f}, fine-tuned best {best:.4f})")
