@@ -20,7 +20,7 @@ for i in range(n):
     save_nifti(f"{out}/train_{i:03d}.nii.gz", img, _affine())
     save_nifti(f"{out}/labels/final/train_{i:03d}.nii.gz", truth, _affine())
 PY
-export PYTHONPATH="$PWD"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MONAI_LABEL_APP_CONF="{\"model_dir\": \"$WORK/model\", \"use_pretrained_model\": \"false\"}"
 time $PY -m monailabel.interfaces.utils.app -a apps/sentinel -s "$WORK/studies" -m train \
   -r "{\"model\": \"segmentation\", \"max_epochs\": $EPOCHS, \"val_split\": 0.1, \"dataset\": \"CacheDataset\", \"tracking\": \"None\", \"lr\": 0.003}" \

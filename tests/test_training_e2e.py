@@ -85,6 +85,12 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
 
     run = store.get_setting("training_runs")[-1]
     assert run["finals"] == 3 and len(run["pseudo_labels"]) == 2
+    # CUDA with mixed precision where there is a GPU, CPU without (the server's process sees the same devices)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    assert run["device"].startswith("cuda") == gpu and run["amp"] == gpu, run
+    assert ("with mixed precision" in server.log()) == gpu
     assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "vog"
     with open(os.path.join(server.model_dir, "segmentation", "train_data.json")) as f:
         assert json.load(f)["pseudo_labels"] == run["pseudo_labels"]

@@ -214,7 +214,10 @@ class Segmentation(BasicTrainTask):
             raise ValueError(msg)
         for d in good:
             d.update(weight=1.0, source="final", case=_case_id(datastore, d["image"]))
-        run = {"run_id": request.get("run_id"), "ts": time.time(), "finals": len(good), "pseudo_labels": [],
+        # the device BasicTrainTask will pick (single GPU): the requested CUDA device when CUDA is there, else CPU
+        device = str(request.get("device") or "cuda") if torch.cuda.is_available() else "cpu"
+        run = {"run_id": request.get("run_id"), "ts": time.time(), "device": device,
+               "amp": bool(self._amp and device.startswith("cuda")), "finals": len(good), "pseudo_labels": [],
                "refurbished": [], "options": {k: _opt(request, k, v) for k, v in self._config.items()
                                               if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))}}
         if self.sentinel:
@@ -231,7 +234,8 @@ class Segmentation(BasicTrainTask):
         with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
             json.dump(run, f, indent=1)
         logger.info(f"training data: {run['finals']} final labels, {len(run['pseudo_labels'])} pseudo-labels, "
-                    f"{len(run['refurbished'])} refurbished")
+                    f"{len(run['refurbished'])} refurbished; on {device}"
+                    f"{' with mixed precision' if run['amp'] else ''}")
         self._run = run
         return good
 
