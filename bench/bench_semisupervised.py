@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import update_section  # noqa: E402
 
 
+# The networks train on the GPU where there is one (the figures in BENCHMARKS.md say which machine).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def phantoms(seed, n):
     from labelsentinel.sampledata import make_phantom
@@ -75,7 +78,8 @@ def train(data, iters, seed, weights=None, signals=None, n_checkpoints=5, log=""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ids, _ = ids_lut()
-    net = build_network("small", len(ids) + 1)
+    dev = DEVICE
+    net = build_network("small", len(ids) + 1).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     w = np.ones(len(data)) if weights is None else np.asarray(weights, float)
@@ -86,7 +90,7 @@ def train(data, iters, seed, weights=None, signals=None, n_checkpoints=5, log=""
         x, y = data[i]
         net.train()
         opt.zero_grad()
-        loss = loss_fn(net(x[None]), y[None]) * float(w[i])
+        loss = loss_fn(net(x[None].to(dev)), y[None].to(dev)) * float(w[i])
         loss.backward()
         opt.step()
         if signals is not None and it in ck_at:
@@ -102,7 +106,7 @@ def train(data, iters, seed, weights=None, signals=None, n_checkpoints=5, log=""
 @torch.no_grad()
 def predict(net, x):
     net.eval()
-    return net(x[None]).argmax(1)[0].numpy()
+    return net(x[None].to(DEVICE)).argmax(1)[0].cpu().numpy()
 
 
 def test_dice(net, test):

@@ -189,7 +189,7 @@ class LabelErrorSignals:
         return out
 
 
-def suspects(signals: dict[str, dict], by: str = "vog", min_score: float | None = None, exclude=()) -> list[tuple[str, float]]:
+def suspects(signals: dict[str, dict], by: str = "loss", min_score: float | None = None, exclude=()) -> list[tuple[str, float]]:
     """Samples by suspicion, most suspect first (ties by id): ``[(sample, score), ...]``."""
     if by not in ("vog", "loss"):
         raise ValueError(f"unknown label-error signal {by!r}; choose vog or loss")

@@ -298,8 +298,9 @@ class BudgetStrategy(Strategy):
 
 
 class ReviewStrategy(Strategy):
-    """Serves the final label most suspected of being wrong by the last training run's signals (variance of
-    gradients by default, or loss); a final label saved again after that run counts as reviewed."""
+    """Serves the final label most suspected of being wrong by the last training run's signals (the loss score
+    by default, the stronger of the two in every benchmark condition, or variance of gradients); a final label
+    saved again after that run counts as reviewed."""
 
     def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0, min_score: float = 2.0):
         super().__init__("Review: the final labels the last training flags as most likely wrong (VoG or loss)")
@@ -308,12 +309,12 @@ class ReviewStrategy(Strategy):
         self.min_score = min_score
 
     def info(self):
-        return {"description": self.description, "config": {"signal": ["vog", "loss"], "min_score": self.min_score}}
+        return {"description": self.description, "config": {"signal": ["loss", "vog"], "min_score": self.min_score}}
 
     def __call__(self, request, datastore: Datastore):
         store = self._store()
         client = str(request.get("client_id") or "anonymous")
-        by = str(_param(request, "signal", "vog"))
+        by = str(_param(request, "signal", "loss"))
         signals = store.signals()
         if not signals:
             return {"reason": "no label-error signals yet: they are written by a training run on final labels"}

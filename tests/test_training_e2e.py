@@ -91,7 +91,7 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
     gpu = torch.cuda.is_available()
     assert run["device"].startswith("cuda") == gpu and run["amp"] == gpu, run
     assert ("with mixed precision" in server.log()) == gpu
-    assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "vog"
+    assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "loss"
     with open(os.path.join(server.model_dir, "segmentation", "train_data.json")) as f:
         assert json.load(f)["pseudo_labels"] == run["pseudo_labels"]
     # the two chosen are the best-rated unlabeled pseudo-labels (calibrated worst structure)
@@ -111,16 +111,16 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
         assert s["checkpoints"] == 2 and s["structures"] and all("vog_z" in x for x in s["structures"])
 
     # review: the most suspect final label first, then the next one to another annotator, never the same
-    order = sorted(FINALS, key=lambda c: (-sig[c]["vog"], c))
+    order = sorted(FINALS, key=lambda c: (-sig[c]["loss"], c))
     # one client per annotator, as the Slicer plugin does (its client_id goes with every request)
     def ann(i):
         return MONAILabelClient(server.url, client_id=f"ann-{i}")
 
     a = ann(1).next_sample("review", {"min_score": -1e9})
     b = ann(2).next_sample("review", {"min_score": -1e9})
-    assert [a["id"], b["id"]] == order[:2] and a["signal"] == "vog" and a["suspect_structures"]
-    by_loss = ann(3).next_sample("review", {"signal": "loss", "min_score": -1e9})
-    assert by_loss["id"] == order[2] and by_loss["signal"] == "loss"
+    assert [a["id"], b["id"]] == order[:2] and a["signal"] == "loss" and a["suspect_structures"]
+    by_vog = ann(3).next_sample("review", {"signal": "vog", "min_score": -1e9})
+    assert by_vog["id"] == order[2] and by_vog["signal"] == "vog"
     none = ann(4).next_sample("review", {"min_score": 1e9})
     assert none["id"] == "" and "nothing to review" in none["reason"]
     info = client.info()
