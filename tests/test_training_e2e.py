@@ -91,7 +91,7 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
     gpu = torch.cuda.is_available()
     assert run["device"].startswith("cuda") == gpu and run["amp"] == gpu, run
     assert ("with mixed precision" in server.log()) == gpu
-    assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "loss"
+    assert run["options"]["pseudo_labels"] == "topk" and run["options"]["refurbish_signal"] == "vog"
     with open(os.path.join(server.model_dir, "segmentation", "train_data.json")) as f:
         assert json.load(f)["pseudo_labels"] == run["pseudo_labels"]
     # the two chosen are the best-rated unlabeled pseudo-labels (calibrated worst structure)

@@ -175,7 +175,7 @@ class Segmentation(BasicTrainTask):
             "label_errors": True,
             "signal_checkpoints": 4,
             "refurbish": False,
-            "refurbish_signal": ["loss", "vog"],
+            "refurbish_signal": ["vog", "loss"],
             "suspect_threshold": 3.0,
         })
 
@@ -267,7 +267,7 @@ class Segmentation(BasicTrainTask):
         """Swap flagged final labels (previous run's signals) for the current model's prediction."""
         store = self.sentinel["store"]()
         signals = store.signals()
-        by = _opt(request, "refurbish_signal", "loss")
+        by = _opt(request, "refurbish_signal", "vog")
         flagged = dict(suspects(signals, by, _opt(request, "suspect_threshold", 3.0)))
         infer = self.sentinel.get("infer")
         done = []
