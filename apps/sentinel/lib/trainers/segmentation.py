@@ -214,10 +214,12 @@ class Segmentation(BasicTrainTask):
             raise ValueError(msg)
         for d in good:
             d.update(weight=1.0, source="final", case=_case_id(datastore, d["image"]))
-        # the device BasicTrainTask will pick (single GPU): the requested CUDA device when CUDA is there, else CPU
+        # the device BasicTrainTask will pick (single GPU): the requested device when CUDA is there, else CPU;
+        # mixed precision only on CUDA (a request for the CPU on a GPU server trains in full precision)
         device = str(request.get("device") or "cuda") if torch.cuda.is_available() else "cpu"
+        self._amp = device.startswith("cuda")
         run = {"run_id": request.get("run_id"), "ts": time.time(), "device": device,
-               "amp": bool(self._amp and device.startswith("cuda")), "finals": len(good), "pseudo_labels": [],
+               "amp": self._amp, "finals": len(good), "pseudo_labels": [],
                "refurbished": [], "options": {k: _opt(request, k, v) for k, v in self._config.items()
                                               if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))}}
         if self.sentinel:
