@@ -78,8 +78,7 @@ def train(data, iters, seed, weights=None, signals=None, n_checkpoints=5, log=""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ids, _ = ids_lut()
-    dev = DEVICE
-    net = build_network("small", len(ids) + 1).to(dev)
+    net = build_network("small", len(ids) + 1).to(DEVICE)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     w = np.ones(len(data)) if weights is None else np.asarray(weights, float)
@@ -90,7 +89,7 @@ def train(data, iters, seed, weights=None, signals=None, n_checkpoints=5, log=""
         x, y = data[i]
         net.train()
         opt.zero_grad()
-        loss = loss_fn(net(x[None].to(dev)), y[None].to(dev)) * float(w[i])
+        loss = loss_fn(net(x[None].to(DEVICE)), y[None].to(DEVICE)) * float(w[i])
         loss.backward()
         opt.step()
         if signals is not None and it in ck_at:
@@ -330,10 +329,11 @@ def part_label_errors(args):
         d0 = test_dice(net, test)
         # refurbishment: the n_bad most suspect by a signal (loss, the review strategy's default; VoG, the
         # trainer's refurbishment default) trained on the first model's prediction instead
+        preds = [torch.as_tensor(predict(net, x))[None] for x, _ in data]  # the same for both signals
         refurb = {}
         for by in ("loss", "vog"):
             flagged = sorted(range(len(train_set)), key=lambda i: -sc[f"s{i}"][by])[:n_bad]
-            data2 = [(x, torch.as_tensor(predict(net, x))[None] if i in flagged else y) for i, (x, y) in enumerate(data)]
+            data2 = [(x, preds[i] if i in flagged else y) for i, (x, y) in enumerate(data)]
             net2 = train(data2, args.iters, seed=1, log=f"refurbished by {by} {int(frac * 100)}%")
             refurb[by] = (test_dice(net2, test), len(set(flagged) & bad))
         rows.append((frac, n_bad, a_vog, a_loss, per_kind, d0, refurb))

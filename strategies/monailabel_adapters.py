@@ -303,7 +303,7 @@ class ReviewStrategy(Strategy):
     saved again after that run counts as reviewed."""
 
     def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0, min_score: float = 2.0):
-        super().__init__("Review: the final labels the last training flags as most likely wrong (VoG or loss)")
+        super().__init__("Review: the final labels the last training flags as most likely wrong (loss or VoG)")
         self._store = store
         self.lease_minutes = lease_minutes
         self.min_score = min_score
