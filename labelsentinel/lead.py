@@ -80,6 +80,7 @@ def summarize(q: dict, method: str = "min") -> dict:
         "images": len(q["images"]),
         "with_final_label": len(q["labeled"]),
         "scored_labels": len(scored),
+        "calibrated_labels": sum(1 for r in scored if r["record"].get("calibrated")),
         "label_errors": {r["image_id"]: r["error"] for r in q["records"] if r.get("error")},
         "unreadable_images": q.get("unreadable_images", {}),
         "good_enough": thr,
@@ -102,7 +103,8 @@ def cmd_status(args) -> int:
         return 0
     print(f"{info.get('name')} at {args.server}")
     print(f"  images: {s['images']} ({s['with_final_label']} with a final label, {len(s['unreadable_images'])} unreadable)")
-    print(f"  pseudo-labels scored: {s['scored_labels']}; unlabeled cases below the good-enough threshold "
+    print(f"  pseudo-labels scored: {s['scored_labels']} ({s['calibrated_labels']} recalibrated from corrections); "
+          f"unlabeled cases below the good-enough threshold "
           f"({s['good_enough']:.2f}): {s['below_threshold']}, above: {s['above_threshold']}")
     print(f"  out with annotators: {s['out_with_annotators']}")
     for k, v in s["label_errors"].items():
@@ -210,10 +212,12 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     per_struct: dict[str, list[float]] = {}
     with open(os.path.join(out, "structures.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "tag", "label_id", "name", "predicted_dice", "voxels", "flags", "has_final"])
+        w.writerow(["case", "tag", "label_id", "name", "predicted_dice", "raw_predicted_dice", "voxels", "flags",
+                    "has_final"])
         for r in recs:
             for s in r["record"]["structures"]:
-                w.writerow([r["image_id"], r["tag"], s["id"], s.get("name") or "", s["predicted_dice"], s["voxels"],
+                w.writerow([r["image_id"], r["tag"], s["id"], s.get("name") or "", s["predicted_dice"],
+                            s.get("raw_predicted_dice", s["predicted_dice"]), s["voxels"],
                             ";".join(s.get("flags") or []), int(r["has_final"])])
                 per_struct.setdefault(s.get("name") or str(s["id"]), []).append(s["predicted_dice"])
     cases = []
@@ -259,6 +263,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
             w.writeheader()
             w.writerows(group_rows)
     n_below = sum(1 for _, a, _, fin in cases if not fin and a is not None and a < thr)
+    n_cal = sum(1 for r in recs if r["record"].get("calibrated"))
     n_above = sum(1 for _, a, _, fin in cases if not fin and a is not None and a >= thr)
     e = html.escape
     def worst_text(worst):
@@ -274,7 +279,9 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head><body>
 <h1>Label quality report</h1>
 <p>{len(q['images'])} images, {len(q['labeled'])} with a final label; {len(recs)} pseudo-labels scored.
-Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (need a human), {n_above} above.</p>
+Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (need a human), {n_above} above.
+{n_cal} of the scored pseudo-labels are shown recalibrated from annotators' corrections (structures.csv keeps
+the estimator's raw value too).</p>
 <h2>Predicted Dice per structure</h2>{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
 <h2>Budget curve</h2><p>Expected dataset Dice (mean over structure instances of unlabeled cases) after correcting the
 best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}

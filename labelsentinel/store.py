@@ -65,9 +65,12 @@ def store_path(studies: str) -> str:
 
 
 def file_stamp(path: str) -> str:
-    """Cheap identity of a file version: size and modification time in ns."""
+    """Cheap identity of a file version: size, modification time, inode and status-change time (ns). The last
+    two catch a file replaced by another of the same size and modification time (``cp -p``, ``rsync -t``, a
+    file system with coarse times): a replacement is a new inode or, written in place, a new change time,
+    which no program can set back."""
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 _QUALITY_COLUMNS = "image_id, tag, label_stamp, estimator_version, ts, record, error"

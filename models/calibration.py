@@ -11,8 +11,9 @@ training data cannot give: the error profile of *this* project's pseudo-label so
   (``sum of residuals / (n_structure + GROUP_PRIOR)``): a source that over-segments costs a small structure
   more Dice than a large one, which one monotone map over all structures cannot follow;
 - **conformal residual quantiles** (split-conformal on the absolute residuals of the calibrated
-  prediction): with ``n`` pairs, ``P(true >= calibrated - q_alpha) >= 1 - alpha`` for a new label from the
-  same source. ``lower_bound`` is what the pseudo-label selection trusts.
+  prediction): with ``n >= ceil(1 / alpha) - 1`` pairs, ``P(true >= calibrated - q_alpha) >= 1 - alpha`` for
+  a new label from the same source (with fewer, the prior bound is kept). ``lower_bound`` is what the
+  pseudo-label selection trusts.
 
 A calibration is a small dict (JSON), kept in the record store next to the estimator version it belongs to.
 No MONAI Label import; numpy only.
@@ -35,8 +36,12 @@ def isotonic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> t
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     w = np.ones_like(y) if w is None else np.asarray(w, float)
-    order = np.argsort(x, kind="mergesort")
-    x, y, w = x[order], y[order], w[order]
+    # Equal x values are one block (their weighted mean): otherwise the fit, and the map between them, would
+    # depend on the order of tied predictions (common: predictions are rounded and clipped to 0 and 1).
+    x, inv = np.unique(x, return_inverse=True)
+    wsum = np.bincount(inv, weights=w, minlength=len(x))
+    y = np.bincount(inv, weights=w * y, minlength=len(x)) / np.where(wsum > 0, wsum, 1.0)
+    w = wsum
     # blocks: [sum_wy, sum_w, x_lo, x_hi]
     vals, wts, lo, hi = [], [], [], []
     for xi, yi, wi in zip(x, y, w):
@@ -147,12 +152,20 @@ class Calibration:
         return out if out.ndim else float(out)
 
     def quantile(self, alpha: float = 0.1) -> float:
-        """Half-width q with P(|true - calibrated| <= q) >= 1 - alpha (split conformal)."""
+        """Half-width q with P(|true - calibrated| <= q) >= 1 - alpha (split conformal), guaranteed once there
+        are at least ceil(1 / alpha) - 1 residuals (9 at alpha 0.1); with fewer, the prior bound from the
+        estimator's validation MAE (or the largest residual, if wider), which carries no such guarantee."""
         r = self.residuals
+        prior = 2.0 * self.prior_mae  # about the 90% point of a half-normal with the estimator's validation MAE
         if len(r) < MIN_PAIRS:
-            return 2.0 * self.prior_mae  # no real pairs: about the 90% point of a half-normal with that MAE
+            return prior  # no real pairs yet
         k = math.ceil((len(r) + 1) * (1 - alpha))
-        return float(r[-1]) if k > len(r) else float(r[k - 1])
+        if k > len(r):
+            # Too few pairs for a finite split-conformal quantile at this alpha (it would be infinite): the
+            # largest residual alone covers only n / (n + 1). Keep the prior bound, or the largest residual if
+            # that is wider, until there are enough pairs.
+            return float(max(prior, r[-1]))
+        return float(r[k - 1])
 
     def lower_bound(self, predicted, alpha: float = 0.1, group=None):
         b = np.clip(np.asarray(self.apply(predicted, group)) - self.quantile(alpha), 0, 1)

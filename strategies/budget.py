@@ -11,10 +11,12 @@ Cost model (annotator minutes, a project lead can override every part):
 structures; ``minutes_per_case`` replaces the whole model by a flat cost.
 
 Planning: with a budget in cases, the cases with the largest expected gains (ties by case id). With a
-budget in minutes, a 0/1 knapsack: exact dynamic programming over costs rounded up to ``resolution``
-minutes (default 0.5) when the table is small enough (<= 5 million cells), otherwise greedy by gain/cost
-with the best-single-case fix, which is guaranteed at least half the optimum. Cases at or above the
-good-enough threshold are never planned; a case costing more than the whole budget is skipped.
+budget in minutes (and optionally a number of cases as well), a 0/1 knapsack solved by dynamic programming
+over costs rounded up to a grid of 0.001 min, the cost model's own precision, so the plan is exact; only
+when the table would exceed 20 million cells is the grid coarsened, and then the greedy plan by gain/cost
+on the exact costs (with the best-single-case fix, at least half the optimum) is taken if it gains more.
+With both limits the programme counts cases and minutes together. Cases at or above the good-enough
+threshold are never planned; a case costing more than the whole budget is skipped.
 """
 
 from __future__ import annotations
@@ -115,40 +117,97 @@ def expected_gains(records: list[dict]) -> dict[str, float]:
     return {r["case"]: sum(1.0 - _check(s["predicted_dice"]) for s in structures_of(r)) / n for r in records}
 
 
-def _knapsack(items: list[tuple[str, float, float]], budget: float, resolution: float):
-    """items (id, gain, cost); exact DP on rounded-up costs, or greedy + best single (>= 1/2 optimum)."""
-    units = int(math.floor(budget / resolution + 1e-9))
-    w = [max(0, int(math.ceil(c / resolution - 1e-9))) for _, _, c in items]
-    if units >= 0 and (units + 1) * (len(items) + 1) <= 5_000_000:
-        best = [0.0] * (units + 1)
-        take = [[False] * (units + 1) for _ in items]
-        for i, ((_, g, _), wi) in enumerate(zip(items, w)):
-            for u in range(units, wi - 1, -1):
-                cand = best[u - wi] + g
-                if cand > best[u] + 1e-12:
-                    best[u] = cand
-                    take[i][u] = True
-        chosen, u = [], units
-        for i in range(len(items) - 1, -1, -1):
-            if take[i][u]:
-                chosen.append(i)
-                u -= w[i]
-        return sorted(chosen), "exact dynamic programming"
+MAX_CELLS = 20_000_000  # size of the dynamic programming table (one byte a cell): about 20 MB at most
+FINEST = 0.001  # minutes; the cost model rounds its costs to this
+
+
+def _greedy(items, budget: float, max_cases: int | None):
+    """Greedy by gain/cost on the exact costs, within both limits, or the best single case if that gains more
+    (at least half the optimum with a budget in minutes alone)."""
     order = sorted(range(len(items)), key=lambda i: (-(items[i][1] / max(items[i][2], 1e-9)), items[i][0]))
     chosen, used = [], 0.0
     for i in order:
+        if max_cases is not None and len(chosen) >= max_cases:
+            break
         if used + items[i][2] <= budget + 1e-9:
             chosen.append(i)
             used += items[i][2]
-    single = max((i for i in range(len(items)) if items[i][2] <= budget), key=lambda i: items[i][1], default=None)
-    if single is not None and items[single][1] > sum(items[i][1] for i in chosen):
+    single = max((i for i in range(len(items)) if items[i][2] <= budget + 1e-9), key=lambda i: items[i][1],
+                 default=None)
+    if (max_cases is None or max_cases >= 1) and single is not None and \
+            items[single][1] > sum(items[i][1] for i in chosen) + 1e-12:
         chosen = [single]
-    return sorted(chosen), "greedy gain/cost with best single case (>= 1/2 of optimum)"
+    return sorted(chosen)
+
+
+def _knapsack(items: list[tuple[str, float, float]], budget: float, resolution: float | None = None,
+              max_cases: int | None = None):
+    """items (id, gain, cost): the subset with the largest total gain whose costs fit ``budget`` (and, with
+    ``max_cases``, of at most that many cases).
+
+    Dynamic programming over costs rounded *up* to a grid of ``resolution`` minutes (default: the cost
+    model's own 0.001 min, coarsened only as far as needed to keep the table within ``MAX_CELLS``), so a plan
+    never exceeds the budget and is exact when the costs lie on the grid. The greedy plan on the exact costs
+    is also worked out, and whichever gains more is returned (rounding up can only lose a case that fits
+    with no room to spare). Returns (chosen indices, method)."""
+    import numpy as np
+
+    n = len(items)
+    if n == 0 or budget < 0:
+        return [], "nothing fits the budget"
+    k_max = None if max_cases is None or max_cases >= n else int(max_cases)
+    layers = 1 if k_max is None else k_max + 1
+    res = max(float(resolution or FINEST), FINEST)
+    per_unit = n * layers
+    if per_unit * (math.floor(budget / res + 1e-9) + 1) > MAX_CELLS:
+        res = budget / max(MAX_CELLS // per_unit - 1, 1)
+    units = int(math.floor(budget / res + 1e-9))
+    greedy = _greedy(items, budget, max_cases)
+    if units < 100 and res > FINEST:  # a grid this coarse would throw away most of the budget
+        return greedy, "greedy gain/cost with best single case (>= 1/2 of optimum)"
+    w = [max(0, int(math.ceil(c / res - 1e-9))) for _, _, c in items]
+    if k_max is None:
+        best = np.zeros(units + 1)
+        take = np.zeros((n, units + 1), bool)
+        for i, ((_, g, _), wi) in enumerate(zip(items, w)):
+            if wi > units:
+                continue
+            cand = best[: units + 1 - wi] + g
+            better = cand > best[wi:] + 1e-12
+            take[i, wi:] = better
+            best[wi:] = np.where(better, cand, best[wi:])
+        chosen, u = [], units
+        for i in range(n - 1, -1, -1):
+            if take[i, u]:
+                chosen.append(i)
+                u -= w[i]
+    else:  # best[k, u]: the largest gain of at most k cases costing at most u units
+        best = np.zeros((layers, units + 1))
+        take = np.zeros((n, layers, units + 1), bool)
+        for i, ((_, g, _), wi) in enumerate(zip(items, w)):
+            if wi > units:
+                continue
+            cand = best[:-1, : units + 1 - wi] + g
+            better = cand > best[1:, wi:] + 1e-12
+            take[i, 1:, wi:] = better
+            best[1:, wi:] = np.where(better, cand, best[1:, wi:])
+        chosen, k, u = [], k_max, units
+        for i in range(n - 1, -1, -1):
+            if take[i, k, u]:
+                chosen.append(i)
+                k -= 1
+                u -= w[i]
+    chosen = sorted(chosen)
+    exact = res == FINEST and all(abs(c / res - round(c / res)) < 1e-6 for _, _, c in items)
+    method = "exact dynamic programming" if exact else f"dynamic programming on costs rounded up to {res:.3g} min"
+    if sum(items[i][1] for i in greedy) > sum(items[i][1] for i in chosen) + 1e-12:
+        return greedy, "greedy gain/cost (better than the rounded dynamic programming)"
+    return chosen, method
 
 
 def plan_budget(records: list[dict], budget_cases: int | None = None, budget_minutes: float | None = None,
                 cost_model: CostModel | None = None, threshold: float | None = None, aggregate_method: str = "min",
-                exclude=(), resolution: float = 0.5) -> BudgetPlan:
+                exclude=(), resolution: float | None = None) -> BudgetPlan:
     """Choose the corrections that maximise the expected gain in dataset Dice within the budget."""
     from labelsentinel.strategies.ranking import aggregate
 
@@ -172,10 +231,8 @@ def plan_budget(records: list[dict], budget_cases: int | None = None, budget_min
         cands.append((r["case"], gains[r["case"]], cost_model.minutes(r)))
     if budget_minutes is not None:
         fits = [c for c in cands if c[2] <= budget_minutes + 1e-9]
-        idx, method = _knapsack(fits, budget_minutes, resolution)
+        idx, method = _knapsack(fits, budget_minutes, resolution, max_cases=budget_cases)
         chosen = [fits[i] for i in idx]
-        if budget_cases is not None:
-            chosen = sorted(chosen, key=lambda c: (-round(c[1], 9), c[0]))[: int(budget_cases)]
     else:
         chosen = sorted(cands, key=lambda c: (-round(c[1], 9), c[0]))[: int(budget_cases)]
         method = "largest expected gains"

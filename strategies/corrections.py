@@ -42,8 +42,15 @@ def record_correction(store: Store, image_id: str, tag: str, pseudo_path: str, f
     """
     q = store.get_quality(image_id, tag)
     rec = (q or {}).get("record") or {}
-    # the pair is redone when either file changed or the pseudo-label was rescored by another estimator
-    stamp = f"{file_stamp(pseudo_path)}|{file_stamp(final_path)}|{rec.get('estimator_version')}"
+    pseudo_stamp = file_stamp(pseudo_path)
+    # The prediction belongs to this pseudo-label only if the quality record was made from this very file: a
+    # pseudo-label replaced since its last scoring has no prediction yet (its pairs come with the next scoring).
+    scored_stamp = (q or {}).get("label_stamp") or ""
+    if rec and (scored_stamp.split("|") + [""])[1] != pseudo_stamp:
+        rec = {}
+    # the pair is redone when either file changed or the pseudo-label was rescored (by another estimator, or
+    # at last for this file)
+    stamp = f"{pseudo_stamp}|{file_stamp(final_path)}|{rec.get('estimator_version')}|{scored_stamp if rec else ''}"
     if not force and store.correction_stamp(image_id, tag) == stamp:
         return {"image_id": image_id, "tag": tag, "skipped": True}
     pseudo, final = load_label(pseudo_path), load_label(final_path)

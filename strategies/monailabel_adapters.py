@@ -218,7 +218,9 @@ class BudgetStrategy(Strategy):
 
     The plan is made when a project lead sets the budget (``labelsentinel plan --server URL --cases N`` or
     ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. A
-    planned case counts as used once it is served (out with an annotator) or has a final label.
+    planned case counts as used while it is out with an annotator (its lease runs) and once it has a final
+    label; a case an annotator let go without saving (lease expired) goes back to the plan, for anyone. Serving
+    never writes the plan, so it cannot undo a lead's new budget set at the same moment.
     """
 
     def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
@@ -235,7 +237,7 @@ class BudgetStrategy(Strategy):
         plan = plan_budget(records, budget_cases=budget_cases, budget_minutes=budget_minutes,
                            cost_model=CostModel.from_dict(cost_model), threshold=threshold)
         d = plan.to_dict()
-        d.update(ts=time.time(), cost_model=cost_model or {}, threshold=threshold, served=[])
+        d.update(ts=time.time(), cost_model=cost_model or {}, threshold=threshold)
         store.set_setting("budget_plan", d)
         return d
 
@@ -245,8 +247,8 @@ class BudgetStrategy(Strategy):
         if not plan:
             return {"reason": "no budget set: a project lead sets one with `labelsentinel plan --server URL --cases N`"}
         labeled = set(datastore.get_labeled_images())
-        served = set(plan.get("served", []))
-        used = [c for c in plan["cases"] if c["case_id"] in served or c["case_id"] in labeled]
+        out_now = store.leases()
+        used = [c for c in plan["cases"] if c["case_id"] in out_now or c["case_id"] in labeled]
         used_minutes = round(sum(c["minutes"] for c in used), 3)
         out = {
             "budget_cases": plan["budget_cases"],
@@ -272,21 +274,13 @@ class BudgetStrategy(Strategy):
         labeled = set(datastore.get_labeled_images())
         busy = store.leased_by_others(client)
         ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
-        served = list(plan.get("served", []))
-        for c in plan["cases"]:
+        # A case out with this annotator comes back to them (e.g. after a viewer restart) before a new one.
+        mine = {cid for cid, lease in store.leases().items() if lease["client_id"] == client}
+        for c in sorted(plan["cases"], key=lambda c: c["case_id"] not in mine):
             cid = c["case_id"]
             if cid in labeled or cid in busy:
                 continue
-            if cid in served:
-                # Served before: only back to the annotator who holds it (e.g. after a viewer restart).
-                lease = store.leases().get(cid)
-                if not lease or lease["client_id"] != client:
-                    continue
             if store.acquire_lease(cid, client, ttl):
-                if cid not in served:
-                    served.append(cid)
-                    plan["served"] = served
-                    store.set_setting("budget_plan", plan)
                 return {"id": cid, "expected_gain": c["gain"], "minutes": c["minutes"], **self.status(store, datastore)}
         st = self.status(store, datastore)
         if not plan["cases"]:

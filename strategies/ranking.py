@@ -8,7 +8,8 @@ Records are plain dicts as the quality scoring stores them::
 Aggregation (``method``):
 - ``min``: the worst structure decides (default: one bad structure is enough to need a human);
 - ``mean``: plain mean over structures;
-- ``volume_weighted``: mean weighted by voxels (big organs dominate, as in a voxel-wise Dice).
+- ``volume_weighted``: mean weighted by voxels (big organs dominate, as in a voxel-wise Dice); a missing
+  structure weighs as much as the mean present one.
 ``structures`` restricts the aggregation to a subset (names or ids). A structure the project expects but
 the label lacks (listed in the record's ``missing``, written by the scoring, or passed as ``expected``)
 counts as Dice 0: the estimator cannot score what is not there, and a missing organ needs a human.
@@ -65,11 +66,16 @@ def aggregate(record: dict, method: str = "min", structures=None, expected=None)
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(METHODS)}")
     allst = structures_of(record)
     sel = _selected(allst, structures)
-    vals = [(_check(s["predicted_dice"]), max(1, int(s.get("voxels") or 1))) for s in sel]
+    # A missing structure has no voxels to weigh by: for ``volume_weighted`` it weighs as much as the mean of
+    # the structures that are there (weight 1 would make a missing liver all but invisible).
+    there = [max(1, int(s.get("voxels") or 1)) for s in sel if "missing" not in (s.get("flags") or ())]
+    typical = sum(there) / len(there) if there else 1.0
+    vals = [(_check(s["predicted_dice"]), typical if "missing" in (s.get("flags") or ()) else max(1, int(s.get("voxels") or 1)))
+            for s in sel]
     present = {int(s["id"]) for s in allst}
     for i in sorted(set(expected or ()) - present):
         if not structures or str(i) in {str(x) for x in structures}:
-            vals.append((0.0, 1))  # an expected structure that is missing: Dice 0
+            vals.append((0.0, typical))  # an expected structure that is missing: Dice 0
     if not vals:
         return None
     if method == "min":

@@ -1,8 +1,8 @@
 """Incremental label-quality scoring of a set of labels (no MONAI Label import).
 
 ``score_labels`` runs the quality estimator over (image, label) pairs and keeps the result in the
-:class:`labelsentinel.store.Store`. A pair whose image and label files and estimator version are unchanged
-since the last run is skipped without reading anything, so running it after every next-sample and every
+:class:`labelsentinel.store.Store`. A pair whose image and label files, estimator version, structure names and
+expected structures are unchanged since the last run is skipped without reading anything, so running it after every next-sample and every
 training (MONAI Label's auto scoring) stays cheap. The estimator itself is loaded only when something needs
 scoring. A label that cannot be used (unreadable, wrong grid, bad values) is recorded with its error and
 reported; the others are scored.
@@ -10,6 +10,8 @@ reported; the others are scored.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +32,17 @@ class LabelItem:
     label_path: str
 
 
-def pair_stamp(item: LabelItem) -> str:
-    return f"{file_stamp(item.image_path)}|{file_stamp(item.label_path)}"
+def pair_stamp(item: LabelItem, inputs: str = "") -> str:
+    """The version of what a score depends on besides the estimator: both files and ``inputs`` (a digest of the
+    structure names and expected structures, see :func:`inputs_digest`)."""
+    return f"{file_stamp(item.image_path)}|{file_stamp(item.label_path)}" + (f"|{inputs}" if inputs else "")
+
+
+def inputs_digest(names: dict[int, str] | None, expected: set[int] | None) -> str:
+    """Names change the estimator's input (the name embedding) and expected structures the record's
+    ``missing``: a score made with other names or another expected set is not current."""
+    key = json.dumps([sorted((int(k), str(v)) for k, v in (names or {}).items()), sorted(int(i) for i in expected or ())])
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def score_labels(
@@ -53,9 +64,10 @@ def score_labels(
     items = list(items)
     todo, unchanged = [], 0
     errors: dict[str, str] = {}
+    inputs = inputs_digest(names, expected)
     for it in items:
         try:
-            stamp = pair_stamp(it)
+            stamp = pair_stamp(it, inputs)
         except OSError as e:
             errors[f"{it.image_id}/{it.tag}"] = f"{it.label_path}: {e.strerror}"
             continue

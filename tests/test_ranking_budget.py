@@ -117,3 +117,97 @@ def test_missing_expected_structures_count_as_zero():
     assert aggregate(r, "mean") == pytest.approx(0.45)
     assert rank_cases([r])[0].worst[0]["name"] == "aorta"
     assert expected_gains([r])["a"] == pytest.approx((0.1 + 1.0) / 2)
+
+
+def test_missing_structure_weighs_as_a_typical_one_in_volume_weighting():
+    r = {"case": "c", "structures": [{"id": 2, "name": "spleen", "predicted_dice": 0.97, "voxels": 30000},
+                                     {"id": 3, "name": "kidney_right", "predicted_dice": 0.96, "voxels": 20000}],
+         "missing": [{"id": 5, "name": "liver"}]}
+    # weights 30000, 20000 and the mean present one (25000) for the missing liver at Dice 0
+    assert aggregate(r, "volume_weighted") == pytest.approx((0.97 * 30000 + 0.96 * 20000) / 75000)
+    assert [c.case_id for c in rank_cases([r], "volume_weighted", threshold=0.9)] == ["c"]
+    r2 = {"case": "d", "structures": r["structures"]}
+    assert aggregate(r2, "volume_weighted", expected={2, 3, 5}) == pytest.approx(aggregate(r, "volume_weighted"))
+
+
+def test_minute_budget_keeps_cases_that_fit_exactly():
+    one = [{"case": "a", "structures": [{"id": 1, "name": "liver", "predicted_dice": 0.5, "voxels": 10000}]}]
+    cost = CostModel().minutes(one[0])
+    assert cost == pytest.approx(6.3)
+    assert [c.case_id for c in plan_budget(one, budget_minutes=cost).cases] == ["a"]
+    three = [rec(c, 0.5) for c in "abc"]
+    p = plan_budget(three, budget_minutes=10.2, cost_model=CostModel(minutes_per_case=3.4))
+    assert [c.case_id for c in p.cases] == ["a", "b", "c"] and p.used_minutes == pytest.approx(10.2)
+    assert p.method == "exact dynamic programming"
+    # a large budget with many cases coarsens the grid but never plans past the budget
+    many = [rec(f"c{i:04d}", 0.3 + 0.5 * (i % 7) / 7) for i in range(3000)]
+    p = plan_budget(many, budget_minutes=6000.0)
+    assert p.used_minutes <= 6000.0 and len(p.cases) > 100
+
+
+def test_cases_and_minutes_are_optimised_together():
+    costs = {"A": 10.0, "B": 5.0, "C": 5.0}
+
+    class CM(CostModel):
+        def minutes(self, r):
+            return costs[r["case"]]
+
+    recs = [rec("A", 0.4), rec("B", 0.6), rec("C", 0.6)]
+    p = plan_budget(recs, budget_cases=1, budget_minutes=10, cost_model=CM())
+    assert [c.case_id for c in p.cases] == ["A"]  # gain 0.2 beats B's 0.133, and fits both limits
+    rng = np.random.default_rng(1)
+    cm = CostModel(base_minutes=1, review_minutes=0.2, fix_minutes=6)
+    for trial in range(25):
+        recs = [rec(f"c{i}", *rng.uniform(0.1, 1, rng.integers(1, 4)).round(3), voxels=int(rng.integers(100, 50000)))
+                for i in range(7)]
+        budget, k = float(rng.uniform(2, 25)), int(rng.integers(0, 5))
+        p = plan_budget(recs, budget_cases=k, budget_minutes=budget, cost_model=cm)
+        assert p.used_minutes <= budget + 1e-6 and len(p.cases) <= k
+        gains, costs2 = expected_gains(recs), {r["case"]: cm.minutes(r) for r in recs}
+        best = max(sum(gains[c] for c in s) for n in range(k + 1) for s in itertools.combinations(gains, n)
+                   if sum(costs2[c] for c in s) <= budget + 1e-9)
+        assert sum(c.gain for c in p.cases) == pytest.approx(best, abs=1e-5)
+
+
+class _Datastore:
+    def __init__(self, cases):
+        self.cases, self.final = list(cases), set()
+
+    def get_unlabeled_images(self, *a):
+        return [c for c in self.cases if c not in self.final]
+
+    def get_labeled_images(self, *a):
+        return sorted(self.final)
+
+
+def test_budget_strategy_gives_back_abandoned_cases_and_never_rewrites_the_plan(tmp_path):
+    import time
+
+    from labelsentinel.strategies.monailabel_adapters import BudgetStrategy
+
+    s, ds = Store(str(tmp_path / "db")), _Datastore("abc")
+    for cid, d in (("a", 0.3), ("b", 0.5), ("c", 0.6)):
+        s.put_quality(cid, "original", "x", "v", record={**rec(cid, d), "tag": "original", "estimator_version": "v"})
+    strat = BudgetStrategy(lambda: s, 0.9)
+    BudgetStrategy.make_plan(s, ds, budget_cases=2)
+    short = {"lease_minutes": 0.5 / 60}  # a 0.5 s lease
+    got = strat({"client_id": "alice", **short}, ds)
+    assert got["id"] == "a" and got["used_cases"] == 1 and got["left_cases"] == 1
+    assert strat({"client_id": "alice", **short}, ds)["id"] == "a"  # her own case back first (viewer restart)
+    assert strat({"client_id": "bob", **short}, ds)["id"] == "b"
+    assert "budget spent" in strat({"client_id": "carol"}, ds)["reason"]
+    time.sleep(0.6)  # both let their case go without saving: the cases go back to the plan
+    assert BudgetStrategy.status(s, ds)["used_cases"] == 0
+    assert strat({"client_id": "carol"}, ds)["id"] == "a"
+    ds.final.add("a")  # carol saved it: used for good
+    assert BudgetStrategy.status(s, ds)["used_cases"] == 1
+    # serving does not write the plan: a budget the lead sets meanwhile stays as set
+    acquire = s.acquire_lease
+
+    def lead_replans_meanwhile(*a, **k):
+        BudgetStrategy.make_plan(s, ds, budget_cases=1)
+        return acquire(*a, **k)
+
+    s.acquire_lease = lead_replans_meanwhile
+    strat({"client_id": "dave"}, ds)
+    assert s.get_setting("budget_plan")["budget_cases"] == 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from labelsentinel.models.calibration import Calibration, isotonic_fit
-from labelsentinel.store import Store
+from labelsentinel.store import Store, file_stamp
 from labelsentinel.strategies.corrections import (
     calibrate_records,
     load_calibration,
@@ -116,8 +116,13 @@ def test_record_correction_stores_real_pairs_and_recalibrates(tmp_path):
     _write(tmp_path / "p.nii.gz", pseudo)
     _write(tmp_path / "f.nii.gz", final)
     assert true_dice_per_structure(pseudo, final) == {1: pytest.approx(2 * 32 / (32 + 64)), 2: 0.0}
-    store.put_quality("c1", "original", "x", "v1", record={"case": "c1", "estimator_version": "v1", "structures": [
-        {"id": 1, "name": "liver", "predicted_dice": 0.9, "voxels": 32}]})
+    rec = {"case": "c1", "estimator_version": "v1", "structures": [{"id": 1, "name": "liver", "predicted_dice": 0.9, "voxels": 32}]}
+    # A quality record of an earlier version of the pseudo-label file is not this file's prediction: no pair.
+    store.put_quality("c1", "original", "img|1:2:3:4", "v1", record=rec)
+    r = record_correction(store, "c1", "original", str(tmp_path / "p.nii.gz"), str(tmp_path / "f.nii.gz"), {1: "liver"})
+    assert not r["skipped"] and {(x["id"], x["predicted"]) for x in store.corrections()} == {(1, None), (2, None)}
+    # Once this file is scored, the next pass pairs its prediction with the truth.
+    store.put_quality("c1", "original", f"img|{file_stamp(str(tmp_path / 'p.nii.gz'))}", "v1", record=rec)
     r = record_correction(store, "c1", "original", str(tmp_path / "p.nii.gz"), str(tmp_path / "f.nii.gz"), {1: "liver"})
     assert not r["skipped"] and len(r["structures"]) == 2
     rows = store.corrections()
@@ -316,3 +321,28 @@ def test_partial_corrections_keep_the_source_errors_in_blobs():
     idx = np.flatnonzero(diff)
     scatter.flat[np.random.default_rng(3).choice(idx, int(keep.sum()), replace=False)] = True
     assert ndimage.label(keep)[1] < 0.2 * ndimage.label(scatter)[1]
+
+
+def test_isotonic_fit_does_not_depend_on_the_order_of_tied_predictions():
+    p = np.array([0.2, 0.5, 0.5, 0.8])
+    t = np.array([0.1, 0.7, 0.3, 0.9])
+    a = Calibration.fit(p, t, prior_mae=0.05)
+    b = Calibration.fit(p[[0, 2, 1, 3]], t[[0, 2, 1, 3]], prior_mae=0.05)
+    for x in (0.45, 0.499, 0.5, 0.6):
+        assert a.apply(x) == pytest.approx(b.apply(x))
+    xs, ys = isotonic_fit(p, t)
+    assert len(set(xs.tolist())) == len(xs) or all(ys[i] == ys[i + 1] for i in range(len(xs) - 1) if xs[i] == xs[i + 1])
+
+
+def test_conformal_bound_keeps_its_coverage_with_few_pairs():
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 8, 9, 20):
+        hits, trials = 0, 4000
+        for _ in range(trials):
+            r = np.abs(rng.normal(0, 0.05, n + 1))
+            c = Calibration(n=n, residuals=sorted(r[:n].tolist()), prior_mae=0.04)
+            hits += r[n] <= c.quantile(0.1)
+        # from 9 pairs on, split conformal; below, the prior bound (2 x 0.04 here) covers a half-normal of sd 0.05
+        assert hits / trials >= 0.89, (n, hits / trials)
+    c = Calibration(n=4, residuals=[0.01, 0.02, 0.03, 0.2], prior_mae=0.04)
+    assert c.quantile(0.1) == 0.2  # the largest residual when it is wider than the prior bound

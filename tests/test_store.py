@@ -66,3 +66,37 @@ def test_cached_quality_rows_follow_writes_from_other_connections(tmp_path):
     b.remove_quality("c1")
     assert [r["image_id"] for r in a.quality("original", include_errors=True)] == ["c2"]
     assert a.get_quality("c1", "original") is None
+
+
+def test_scoring_redoes_a_label_when_names_expected_structures_or_the_file_change(tmp_path):
+    import numpy as np
+
+    from labelsentinel.io import save_nifti
+    from labelsentinel.strategies.scoring import LabelItem, score_labels
+
+    img, lab = np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.int16)
+    lab[2:5, 2:5, 2:5] = 1
+    save_nifti(str(tmp_path / "img.nii"), img, np.eye(4))
+    save_nifti(str(tmp_path / "lab.nii"), lab, np.eye(4))
+
+    class Est:  # like the real estimator, its answer depends on the names and the label
+        def predict(self, image, label, spacing, names):
+            return [{"id": 1, "name": names.get(1), "predicted_dice": 0.9 if names.get(1) else 0.5,
+                     "voxels": int((label == 1).sum()), "flags": []}]
+
+    s = Store(str(tmp_path / "db"))
+    item = [LabelItem("c", "original", str(tmp_path / "img.nii"), str(tmp_path / "lab.nii"))]
+    assert score_labels(item, s, "v", Est, {})["scored"] == ["c/original"]
+    assert score_labels(item, s, "v", Est, {})["unchanged"] == 1
+    assert score_labels(item, s, "v", Est, {1: "liver"})["scored"] == ["c/original"]  # names added
+    assert s.get_quality("c", "original")["record"]["structures"][0]["name"] == "liver"
+    assert score_labels(item, s, "v", Est, {1: "liver"}, expected={1, 2})["scored"] == ["c/original"]
+    assert s.get_quality("c", "original")["record"]["missing"] == [{"id": 2, "name": None}]
+    # another label of the same size with the same modification time (cp -p, rsync -t)
+    st0 = os.stat(tmp_path / "lab.nii")
+    save_nifti(str(tmp_path / "new.nii"), np.zeros_like(lab), np.eye(4))
+    os.utime(tmp_path / "new.nii", ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    os.replace(tmp_path / "new.nii", tmp_path / "lab.nii")
+    assert os.stat(tmp_path / "lab.nii").st_size == st0.st_size
+    assert score_labels(item, s, "v", Est, {1: "liver"}, expected={1, 2})["scored"] == ["c/original"]
+    assert s.get_quality("c", "original")["record"]["structures"][0]["voxels"] == 0

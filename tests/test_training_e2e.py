@@ -142,6 +142,14 @@ def test_saving_final_labels_adds_real_pairs_and_changes_calibration(server, cli
     assert after["n"] > before["n"] and after["cases"] == before["cases"] + 2
     assert (after["xs"], after["ys"]) != (before["xs"], before["ys"])
     assert after["mae_before"] is not None and after["mae_after"] is not None
+    # The lead's view (status, report, plan) is the calibrated one the strategies serve by, raw value kept.
+    import requests
+
+    q = requests.get(f"{server.url}/labelsentinel/quality", timeout=30).json()
+    recs = [r["record"] for r in q["records"] if r.get("record")]
+    assert recs and all(r.get("calibrated") for r in recs)
+    s = recs[0]["structures"][0]
+    assert "raw_predicted_dice" in s and "lower_bound" in s
 
 
 def test_refurbishment_trains_on_predictions_and_never_touches_final_labels(server, client, store, studies):

@@ -29,6 +29,14 @@ def register_routes(app_instance) -> None:
         ds = app_instance.datastore()
         labeled = set(ds.get_labeled_images())
         rows = store.quality(tag, include_errors=True)
+        # Calibrated as the strategies and the budget planner see them (raw value kept as raw_predicted_dice),
+        # so the lead's status, report and plan agree with what annotators are served.
+        from labelsentinel.strategies.corrections import calibrate_records, load_calibration
+
+        prior = app_instance.prior_mae
+        cal = iter(calibrate_records([r["record"] for r in rows if r["record"]],
+                                     lambda v: load_calibration(store, v, prior) if v else None))
+        rows = [{**r, "record": next(cal)} if r["record"] else r for r in rows]
         return {
             "good_enough": app_instance.threshold,
             "tag": tag,
