@@ -112,6 +112,33 @@ def load_label(path: str) -> Volume:
     return vol
 
 
+def label_upload_problem(image_path: str, label_path: str) -> str | None:
+    """Why ``label_path`` cannot be stored as the label of the image at ``image_path`` (None: it can): the file
+    cannot be read, is not a label map, or has another voxel shape than the image. A format this package does
+    not read, or an image it cannot read, is not judged here (None)."""
+    if not (_is_nifti(label_path) or label_path.endswith((".nrrd", ".mha", ".mhd"))):
+        return None
+    try:
+        lab = load_label(label_path)
+    except VolumeError as e:
+        return str(e).replace(label_path, "the label file")
+    if not image_path or not os.path.isfile(image_path):
+        return None
+    try:
+        if _is_nifti(image_path):
+            import nibabel as nib
+
+            shape = tuple(int(x) for x in nib.load(image_path).shape[:3])
+        else:
+            shape = load_volume(image_path).array.shape
+    except Exception:
+        return None
+    if tuple(lab.array.shape) != shape:
+        return (f"the label is {' x '.join(map(str, lab.array.shape))} voxels but the image is "
+                f"{' x '.join(map(str, shape))}: save the label on the image's grid")
+    return None
+
+
 def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
     return a.array.shape == b.array.shape and np.allclose(a.affine, b.affine, atol=atol)
 

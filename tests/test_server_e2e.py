@@ -110,6 +110,24 @@ def test_infer_bad_inputs_give_clear_errors(client, server, tmp_path):
     assert requests.get(f"{server.url}/info/", timeout=5).status_code == 200  # still serving
 
 
+def test_a_final_label_that_cannot_be_used_is_refused_not_saved(client, server, tmp_path):
+    from monailabel.client.client import MONAILabelClientException
+
+    wrong = str(tmp_path / "wrong.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((7, 8, 9), np.uint8), np.eye(4)), wrong)
+    garbage = str(tmp_path / "garbage.nii.gz")
+    with open(garbage, "wb") as f:
+        f.write(b"not a nifti file at all" * 10)
+    for path, words in ((wrong, ("7 x 8 x 9", "96 x 80 x 48")), (garbage, ("cannot be read",))):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label("case_003", path, tag="final")
+        msg = str(e.value)
+        assert "422" in msg and "NOT saved" in msg and all(w in msg for w in words), msg
+    assert not os.path.exists(os.path.join(server.studies, "labels", "final", "case_003.nii.gz"))
+    assert "final" not in client.datastore()["objects"]["case_003"]["labels"]
+    assert "case_003" in requests.get(f"{server.url}/datastore/?output=all", timeout=10).json()["objects"]
+
+
 def test_save_final_label_and_read_datastore(client, server):
     truth = os.path.join(server.studies, "truth", "case_004.nii.gz")
     client.save_label("case_004", truth, tag="final", params={"label_info": [{"name": "liver", "idx": 5}]})
@@ -126,7 +144,8 @@ def test_save_final_label_and_read_datastore(client, server):
 
 
 def test_training_runs_and_skips_a_mismatched_label(client, server):
-    client.train_start("segmentation", {"max_epochs": 1, "val_split": 0.0, "dataset": "Dataset", "tracking": "None"})
+    # the trainer's default options (no "tracking" given: MONAI Label's MLflow default failed with mlflow 3)
+    client.train_start("segmentation", {"max_epochs": 1, "val_split": 0.0, "dataset": "Dataset"})
     t_end = time.time() + 600
     while time.time() < t_end:
         st = client.train_status()

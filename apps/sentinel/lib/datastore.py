@@ -5,11 +5,24 @@ from __future__ import annotations
 import logging
 import os
 
+from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from labelsentinel.imagecheck import ImageCheckCache
+from labelsentinel.io import label_upload_problem
 
 logger = logging.getLogger(__name__)
+
+
+def refuse_bad_label(datastore, image_id: str, label_filename: str, label_tag: str) -> None:
+    try:
+        image = datastore.get_image_uri(image_id)
+    except Exception:  # an unknown image: MONAI Label's own save reports it
+        return
+    problem = label_upload_problem(image, label_filename)
+    if problem:
+        logger.error(f"{label_tag} label of {image_id} refused: {problem}")
+        raise HTTPException(status_code=422, detail=f"the {label_tag} label of {image_id} was NOT saved: {problem}")
 
 
 class SentinelDatastore(LocalDatastore):
@@ -38,6 +51,12 @@ class SentinelDatastore(LocalDatastore):
 
     def get_unlabeled_images(self, label_tag=None, labels=None):
         return [i for i in super().get_unlabeled_images(label_tag, labels) if not self.image_error(i)]
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        """Refuses (HTTP 422, nothing stored) a label that cannot be read or is not on the image's grid: stored,
+        it would mark the case as labelled while no training or correction could use it."""
+        refuse_bad_label(self, image_id, label_filename, label_tag)
+        return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def datalist(self, full_path=True):
         bad = {os.path.realpath(self.get_image_uri(i)) for i in self.unreadable_images()}

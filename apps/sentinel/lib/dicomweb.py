@@ -154,6 +154,10 @@ class SentinelDICOMWebDatastore(DICOMWebDatastore):
         if label_tag != FINAL:
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
         label_info = dict(label_info or {})
+        if label_filename.endswith((".nii", ".nii.gz")):  # a NIfTI (Slicer): checked against the series' grid
+            from lib.datastore import refuse_bad_label
+
+            refuse_bad_label(self, image_id, label_filename, label_tag)
         if not label_filename.endswith(".bin"):
             try:
                 label_info["label_info"] = self._segment_info(label_filename, label_info.get("label_info"))

@@ -162,7 +162,16 @@ class Segmentation(BasicTrainTask):
         self.spacing = spacing
         self.roi_size = roi_size
         self.sentinel = None  # set by the app: store, names, calibration prior, infer task
+        # MONAI Label's default tracking (MLflow on a file store under the model folder) fails with the pinned
+        # mlflow 3 ("filesystem tracking backend ... in maintenance mode"): training is untracked by default,
+        # and MLflow, when chosen, writes to an SQLite file in the model folder unless a tracking URI is set.
+        from monailabel.config import settings
+
+        kwargs.setdefault("tracking", None)
+        kwargs.setdefault("tracking_uri", settings.MONAI_LABEL_TRACKING_URI
+                          or "sqlite:///" + os.path.join(os.path.abspath(model_dir), "mlflow.db"))
         super().__init__(model_dir, description, labels=labels, amp=torch.cuda.is_available(), **kwargs)
+        self._config["tracking"] = ["None", "mlflow"]
         self._config.update({
             "max_epochs": 20, "val_split": 0.2, "lr": 2e-3,
             # pseudo-labels (labelsentinel.strategies.pseudolabels)
