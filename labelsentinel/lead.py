@@ -88,7 +88,28 @@ def summarize(q: dict, method: str = "min") -> dict:
         "below_threshold": sum(a < thr for a in aggs),
         "above_threshold": sum(a >= thr for a in aggs),
         "out_with_annotators": len(q.get("leases", {})),
+        "corrections": _corrections_summary(q),
     }
+
+
+def _corrections_summary(q: dict) -> dict:
+    """Corrected pseudo-labels, their real (predicted, true) pairs and the calibration they give."""
+    c = q.get("corrections") or {}
+    pairs = [p for p in c.get("pairs") or [] if p.get("predicted") is not None]
+    cal = c.get("calibration") or {}
+    return {"corrected_labels": c.get("cases", 0), "pairs": len(pairs),
+            "pairs_current_estimator": sum(p.get("estimator_version") == c.get("estimator_version") for p in pairs),
+            "mae_raw": cal.get("mae_before"), "mae_recalibrated": cal.get("mae_after")}
+
+
+def _corrections_text(c: dict) -> str:
+    if not c["corrected_labels"]:
+        return "no corrections yet (a final label saved over a pseudo-label gives its true Dice)"
+    t = f"{c['corrected_labels']} corrected pseudo-label(s), {c['pairs']} real (predicted, true) Dice pairs"
+    if c["mae_raw"] is not None and c["mae_recalibrated"] is not None:
+        t += (f"; estimator error on them: {c['mae_raw']:.3f} raw, {c['mae_recalibrated']:.3f} recalibrated "
+              "(mean absolute, leave-one-out)")
+    return t
 
 
 def cmd_status(args) -> int:
@@ -107,6 +128,7 @@ def cmd_status(args) -> int:
           f"unlabeled cases below the good-enough threshold "
           f"({s['good_enough']:.2f}): {s['below_threshold']}, above: {s['above_threshold']}")
     print(f"  out with annotators: {s['out_with_annotators']}")
+    print(f"  corrections: {_corrections_text(s['corrections'])}")
     for k, v in s["label_errors"].items():
         print(f"  label error: {k}: {v}")
     print(f"  budget: {json.dumps(budget)}")
@@ -127,11 +149,16 @@ def cmd_plan(args) -> int:
             print(f"used: {status['used_cases']} case(s), {status['used_minutes']} min; left: "
                   f"{status['left_cases']} case(s), {status['left_minutes']} min")
         return 0
-    if args.score:
-        run_scoring(args.server)
+    if args.minutes is not None and not (args.minutes >= 0 and args.minutes != float("inf")):
+        raise ServerError(f"--minutes must be a finite number >= 0, got {args.minutes}")
     body = {"cases": args.cases, "minutes": args.minutes}
     if args.cost_model:
-        body["cost_model"] = json.loads(args.cost_model)
+        try:
+            body["cost_model"] = json.loads(args.cost_model)
+        except ValueError as e:
+            raise ServerError(f"--cost-model is not valid JSON ({e}): {args.cost_model}") from e
+    if args.score:
+        run_scoring(args.server)
     r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
     if r.status_code != 200:
         raise ServerError(f"setting the budget: HTTP {r.status_code}: {r.text[:300]}")
@@ -144,7 +171,7 @@ def cmd_plan(args) -> int:
 
 def _print_plan(plan: dict) -> None:
     b = f"{plan['budget_cases']} cases" if plan["budget_cases"] is not None else f"{plan['budget_minutes']} minutes"
-    print(f"budget {b}: {len(plan['cases'])} planned correction(s), {plan['used_minutes']} annotator minutes "
+    print(f"budget {b}: {len(plan['cases'])} planned correction(s), {plan.get('planned_minutes', plan.get('used_minutes'))} annotator minutes "
           f"({plan['method']})")
     for i, c in enumerate(plan["cases"], 1):
         print(f"  {i:3d}. {c['case_id']:<24} expected gain {c['gain']:.4f}  {c['minutes']:.1f} min")
@@ -204,7 +231,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     import matplotlib.pyplot as plt
 
     from labelsentinel.strategies.budget import plan_budget
-    from labelsentinel.strategies.ranking import aggregate
+    from labelsentinel.strategies.ranking import aggregate, structures_of
 
     os.makedirs(out, exist_ok=True)
     thr = q["good_enough"]
@@ -223,7 +250,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     cases = []
     for r in recs:
         a = aggregate(r["record"], method)
-        worst = sorted(r["record"]["structures"], key=lambda s: s["predicted_dice"])[:3]
+        worst = sorted(structures_of(r["record"]), key=lambda s: s["predicted_dice"])[:3]  # a missing one too
         cases.append((r["image_id"], a, worst, r["has_final"]))
     cases.sort(key=lambda c: (c[1] if c[1] is not None else 2, c[0]))
     with open(os.path.join(out, "cases.csv"), "w", newline="") as f:
@@ -232,6 +259,13 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
         for cid, a, worst, fin in cases:
             w.writerow([cid, "" if a is None else f"{a:.4f}", int(a is not None and a >= thr),
                         "; ".join(f"{s.get('name') or s['id']} {s['predicted_dice']:.2f}" for s in worst), int(fin)])
+    with open(os.path.join(out, "corrections.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "tag", "label_id", "name", "predicted_dice", "true_dice", "estimator_version"])
+        for p in (q.get("corrections") or {}).get("pairs") or []:
+            w.writerow([p["image_id"], p["tag"], p["id"], p.get("name") or "",
+                        "" if p.get("predicted") is None else p["predicted"], round(p["true_dice"], 4),
+                        p.get("estimator_version") or ""])
     pending = [r["record"] for r in recs if not r["has_final"]]
     full = plan_budget(pending, budget_cases=len(pending), threshold=None)
     with open(os.path.join(out, "budget_curve.csv"), "w", newline="") as f:
@@ -275,6 +309,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
         for cid, a, worst, fin in cases[:50]
     )
     errors = "".join(f"<li>{e(r['image_id'])}/{e(r['tag'])}: {e(r['error'])}</li>" for r in q["records"] if r.get("error"))
+    unreadable = "".join(f"<li>{e(i)}: {e(str(m))}</li>" for i, m in sorted((q.get("unreadable_images") or {}).items()))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Label Sentinel report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head><body>
 <h1>Label quality report</h1>
@@ -282,6 +317,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
 Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (need a human), {n_above} above.
 {n_cal} of the scored pseudo-labels are shown recalibrated from annotators' corrections (structures.csv keeps
 the estimator's raw value too).</p>
+<p>Corrections: {e(_corrections_text(_corrections_summary(q)))} (corrections.csv).</p>
 <h2>Predicted Dice per structure</h2>{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
 <h2>Budget curve</h2><p>Expected dataset Dice (mean over structure instances of unlabeled cases) after correcting the
 best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}
@@ -289,10 +325,11 @@ best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if '
 <table><tr><th>case</th><th>predicted Dice</th><th>worst structures</th><th></th></tr>{rows}</table>
 {groups_html(group_rows, method)}
 {f'<h2>Labels that could not be scored</h2><ul>{errors}</ul>' if errors else ''}
-<p>CSV: structures.csv, cases.csv, budget_curve.csv</p></body></html>"""
+{f'<h2>Images that cannot be read (never served)</h2><ul>{unreadable}</ul>' if unreadable else ''}
+<p>CSV: structures.csv, cases.csv, budget_curve.csv, corrections.csv</p></body></html>"""
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(page)
-    files = ("report.html", "structures.csv", "cases.csv", "budget_curve.csv") + (("groups.csv",) if group_rows else ())
+    files = ("report.html", "structures.csv", "cases.csv", "budget_curve.csv", "corrections.csv") + (("groups.csv",) if group_rows else ())
     return {k: os.path.join(out, k) for k in files}
 
 
@@ -328,6 +365,9 @@ def _wrap(f):
             return f(args)
         except ServerError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except requests.RequestException as e:
+            print(f"error: cannot reach {args.server}: {e}", file=sys.stderr)
             return 2
 
     return run

@@ -50,6 +50,16 @@ def server_command(app: str, studies: str, host: str, port: int, conf: list[list
     return cmd
 
 
+def resolve_app(app: str) -> str:
+    """The app folder as given if it exists, else relative to this repository (``--app apps/sentinel``, the
+    default, works from any working directory)."""
+    if os.path.isdir(app):
+        return os.path.abspath(app)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    alt = os.path.join(repo, app)
+    return alt if not os.path.isabs(app) and os.path.isdir(alt) else os.path.abspath(app)
+
+
 def server_env(app: str) -> dict:
     """Environment for the server: background tasks (scoring, training) are subprocesses that need PYTHONPATH."""
     env = dict(os.environ)
@@ -90,6 +100,10 @@ def serve(args) -> int:
         return 2
     if images:
         print(f"studies: {os.path.abspath(args.studies)} ({len(images)} images)")
+    args.app = resolve_app(args.app)
+    if not os.path.isdir(args.app):
+        print(f"error: app folder {args.app} not found", file=sys.stderr)
+        return 2
     cmd = server_command(args.app, args.studies, args.host, args.port, args.conf or [])
     print("starting:", " ".join(cmd), flush=True)
     t0 = time.time()

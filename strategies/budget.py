@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from labelsentinel.strategies.ranking import _check, structures_of
 
 
+def _minutes(name: str, v) -> float:
+    """A number of minutes >= 0 (ValueError naming ``name`` otherwise)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number of minutes, got {v!r}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 @dataclass
 class CostModel:
     base_minutes: float = 2.0
@@ -36,12 +45,14 @@ class CostModel:
     minutes_per_case: float | None = None
 
     def __post_init__(self):
-        for k in ("base_minutes", "review_minutes", "fix_minutes"):
+        for k in ("base_minutes", "review_minutes", "fix_minutes", "minutes_per_case"):
             v = getattr(self, k)
-            if v is None or math.isnan(v) or v < 0:
-                raise ValueError(f"{k} must be >= 0, got {v}")
-        if self.minutes_per_case is not None and (math.isnan(self.minutes_per_case) or self.minutes_per_case < 0):
-            raise ValueError(f"minutes_per_case must be >= 0, got {self.minutes_per_case}")
+            if v is None and k == "minutes_per_case":
+                continue
+            setattr(self, k, _minutes(k, v))
+        if not isinstance(self.structure_minutes, dict):
+            raise ValueError(f"structure_minutes must map structure names to minutes, got {self.structure_minutes!r}")
+        self.structure_minutes = {str(n): _minutes(f"structure_minutes[{n!r}]", v) for n, v in self.structure_minutes.items()}
 
     def minutes(self, record: dict) -> float:
         if self.minutes_per_case is not None:
@@ -58,6 +69,8 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "CostModel":
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"cost model must be a JSON object of minutes (e.g. {{\"base_minutes\": 3}}), got {d!r}")
         d = dict(d or {})
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -74,30 +87,22 @@ class BudgetPlan:
     cases: list[PlannedCase]
     budget_cases: int | None
     budget_minutes: float | None
-    used_cases: int
-    used_minutes: float
+    planned_cases: int  # what the plan will use once carried out (the budget used so far is the strategy's status)
+    planned_minutes: float
     dataset_dice_before: float | None
     dataset_dice_after: float | None
     curve: list[tuple[int, float]]  # (corrected cases, expected dataset Dice), in plan order
     method: str
-
-    @property
-    def left_cases(self):
-        return None if self.budget_cases is None else self.budget_cases - self.used_cases
-
-    @property
-    def left_minutes(self):
-        return None if self.budget_minutes is None else round(self.budget_minutes - self.used_minutes, 3)
+    candidates: int = 0  # unlabeled cases below the good-enough threshold the plan chose from
 
     def to_dict(self) -> dict:
         return {
             "cases": [c.__dict__ for c in self.cases],
             "budget_cases": self.budget_cases,
             "budget_minutes": self.budget_minutes,
-            "used_cases": self.used_cases,
-            "used_minutes": self.used_minutes,
-            "left_cases": self.left_cases,
-            "left_minutes": self.left_minutes,
+            "planned_cases": self.planned_cases,
+            "planned_minutes": self.planned_minutes,
+            "candidates": self.candidates,
             "dataset_dice_before": self.dataset_dice_before,
             "dataset_dice_after": self.dataset_dice_after,
             "curve": self.curve,
@@ -117,6 +122,7 @@ def expected_gains(records: list[dict]) -> dict[str, float]:
     return {r["case"]: sum(1.0 - _check(s["predicted_dice"]) for s in structures_of(r)) / n for r in records}
 
 
+MAX_BUDGET_MINUTES = 365 * 24 * 60.0
 MAX_CELLS = 20_000_000  # size of the dynamic programming table (one byte a cell): about 20 MB at most
 FINEST = 0.001  # minutes; the cost model rounds its costs to this
 
@@ -213,10 +219,18 @@ def plan_budget(records: list[dict], budget_cases: int | None = None, budget_min
 
     if budget_cases is None and budget_minutes is None:
         raise ValueError("give a budget in cases or in minutes")
-    if budget_cases is not None and (budget_cases < 0 or int(budget_cases) != budget_cases):
-        raise ValueError(f"budget in cases must be a whole number >= 0, got {budget_cases}")
-    if budget_minutes is not None and (math.isnan(budget_minutes) or budget_minutes < 0):
-        raise ValueError(f"budget in minutes must be >= 0, got {budget_minutes}")
+    if budget_cases is not None and (isinstance(budget_cases, bool) or not isinstance(budget_cases, (int, float))
+                                     or not math.isfinite(budget_cases) or budget_cases < 0
+                                     or int(budget_cases) != budget_cases):
+        raise ValueError(f"budget in cases must be a whole number >= 0, got {budget_cases!r}")
+    if budget_minutes is not None:
+        budget_minutes = _minutes("budget in minutes", budget_minutes)
+        if budget_minutes > MAX_BUDGET_MINUTES:
+            raise ValueError(f"budget in minutes must be at most {MAX_BUDGET_MINUTES:g} (a year of full days), "
+                             f"got {budget_minutes:g}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise ValueError(f"good-enough threshold must be a predicted Dice in [0, 1], got {threshold!r}")
     cost_model = cost_model or CostModel()
     gains = expected_gains(records)
     before = dataset_dice(records)
@@ -245,10 +259,11 @@ def plan_budget(records: list[dict], budget_cases: int | None = None, budget_min
         cases=[PlannedCase(c[0], round(c[1], 6), c[2]) for c in chosen],
         budget_cases=None if budget_cases is None else int(budget_cases),
         budget_minutes=budget_minutes,
-        used_cases=len(chosen),
-        used_minutes=round(sum(c[2] for c in chosen), 3),
+        planned_cases=len(chosen),
+        planned_minutes=round(sum(c[2] for c in chosen), 3),
         dataset_dice_before=before,
         dataset_dice_after=d,
         curve=curve,
         method=method,
+        candidates=len(cands),
     )

@@ -9,6 +9,7 @@ them back as request parameters (a list value means "choose one"; its first elem
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Callable
@@ -21,7 +22,7 @@ from labelsentinel.store import Store, file_stamp
 from labelsentinel.strategies.corrections import calibrate_records, collect_corrections, load_calibration, recalibrate
 from labelsentinel.strategies.label_errors import suspects
 from labelsentinel.strategies.budget import CostModel, plan_budget
-from labelsentinel.strategies.ranking import METHODS, rank_cases
+from labelsentinel.strategies.ranking import METHODS, aggregate, rank_cases
 from labelsentinel.strategies.scoring import LabelItem, score_labels
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,30 @@ def _param(request: dict, key: str, default):
     return default if v in (None, "") else v
 
 
+MAX_LEASE_MINUTES = 24 * 60.0
+
+
+def _number(request: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> float:
+    """A numeric request option, checked: ValueError (answered as HTTP 422) naming the option otherwise."""
+    raw = _param(request, key, default)
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        v = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {key} must be a number, got {raw!r}") from None
+    if math.isnan(v) or math.isinf(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
+        rng += (" and " if rng and hi is not None else "") + (f"<= {hi:g}" if hi is not None else "")
+        raise ValueError(f"option {key} must be a finite number{' ' + rng if rng else ''}, got {raw!r}")
+    return v
+
+
+def _lease_seconds(request: dict, default_minutes: float) -> float:
+    return 60.0 * _number(request, "lease_minutes", default_minutes, lo=0.0, hi=MAX_LEASE_MINUTES, lo_open=True)
+
+
 def _structures(request) -> list[str] | None:
     s = _param(request, "structures", "")
     return [x.strip() for x in str(s).split(",") if x.strip()] or None
@@ -186,8 +211,11 @@ class QualityStrategy(Strategy):
         tag = str(_param(request, "label_tag", "original"))
         unlabeled = set(datastore.get_unlabeled_images())
         records = [r for r in calibrated_records(store, tag, self.prior_mae) if r["case"] in unlabeled]
-        threshold = float(_param(request, "good_enough", self.threshold))
-        ranked = rank_cases(records, str(_param(request, "aggregate", "min")), _structures(request), threshold)
+        threshold = _number(request, "good_enough", self.threshold, lo=0.0, hi=1.0)
+        method = str(_param(request, "aggregate", "min"))
+        if method not in METHODS:
+            raise ValueError(f"option aggregate must be one of {', '.join(METHODS)}, got {method!r}")
+        ranked = rank_cases(records, method, _structures(request), threshold)
         scored = {r["case"] for r in records}
         return store, ranked, unlabeled, scored, threshold
 
@@ -195,7 +223,7 @@ class QualityStrategy(Strategy):
         client = str(request.get("client_id") or "anonymous")
         store, ranked, unlabeled, scored, threshold = self.candidates(request, datastore)
         busy = store.leased_by_others(client)
-        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
+        ttl = _lease_seconds(request, self.lease_minutes)
         for rc in ranked:
             if rc.case_id not in busy and store.acquire_lease(rc.case_id, client, ttl):
                 return {"id": rc.case_id, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
@@ -208,9 +236,20 @@ class QualityStrategy(Strategy):
                 q = store.get_quality(cid, tag)
                 why = f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
                 return {"id": cid, "predicted_dice": None, "reason": why, "client_id": client}
-        n_good = len(scored & unlabeled) - len(ranked)
-        return {"reason": f"nothing to serve: {n_good} unlabeled case(s) are good enough (>= {threshold:.2f}), "
-                          f"{len(busy)} are out with other annotators"}
+        # Why nothing is left, counted over the unlabeled scored cases.
+        method, subset = str(_param(request, "aggregate", "min")), _structures(request)
+        out_now = busy & unlabeled
+        n_good = n_without = 0
+        for r in calibrated_records(store, tag, self.prior_mae):
+            if r["case"] not in unlabeled or r["case"] in out_now:
+                continue
+            a = aggregate(r, method, subset)
+            n_without += a is None
+            n_good += a is not None and a >= threshold
+        why = [f"{n_good} unlabeled case(s) are good enough (>= {threshold:.2f})", f"{len(out_now)} are out with other annotators"]
+        if subset:
+            why.append(f"{n_without} have none of the structures {', '.join(subset)}")
+        return {"reason": "nothing to serve: " + ", ".join(why)}
 
 
 class BudgetStrategy(Strategy):
@@ -268,12 +307,12 @@ class BudgetStrategy(Strategy):
     def __call__(self, request, datastore: Datastore):
         store = self._store()
         client = str(request.get("client_id") or "anonymous")
+        ttl = _lease_seconds(request, self.lease_minutes)
         plan = store.get_setting("budget_plan")
         if not plan:
             return self.status(store, datastore)
         labeled = set(datastore.get_labeled_images())
         busy = store.leased_by_others(client)
-        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
         # A case out with this annotator comes back to them (e.g. after a viewer restart) before a new one.
         mine = {cid for cid, lease in store.leases().items() if lease["client_id"] == client}
         for c in sorted(plan["cases"], key=lambda c: c["case_id"] not in mine):
@@ -284,7 +323,15 @@ class BudgetStrategy(Strategy):
                 return {"id": cid, "expected_gain": c["gain"], "minutes": c["minutes"], **self.status(store, datastore)}
         st = self.status(store, datastore)
         if not plan["cases"]:
-            st["reason"] = "nothing planned: no unlabeled case was below the good-enough threshold when the budget was set"
+            if plan.get("candidates", 0) == 0:
+                st["reason"] = ("nothing planned: no unlabeled case was below the good-enough threshold when the "
+                                "budget was set")
+            else:
+                b = (f"{plan['budget_cases']} case(s)" if plan["budget_cases"] is not None else "") + \
+                    (" and " if plan["budget_cases"] is not None and plan["budget_minutes"] is not None else "") + \
+                    (f"{plan['budget_minutes']:g} minute(s)" if plan["budget_minutes"] is not None else "")
+                st["reason"] = (f"nothing planned: the budget of {b} buys none of the {plan['candidates']} case(s) "
+                                "that need a human (a larger budget is needed)")
             return st
         st["reason"] = (f"budget spent: {st['used_cases']} of {len(plan['cases'])} planned case(s) used"
                         + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
@@ -309,6 +356,10 @@ class ReviewStrategy(Strategy):
         store = self._store()
         client = str(request.get("client_id") or "anonymous")
         by = str(_param(request, "signal", "loss"))
+        if by not in ("loss", "vog"):
+            raise ValueError(f"option signal must be loss or vog, got {by!r}")
+        ttl = _lease_seconds(request, self.lease_minutes)
+        min_score = _number(request, "min_score", self.min_score)
         signals = store.signals()
         if not signals:
             return {"reason": "no label-error signals yet: they are written by a training run on final labels"}
@@ -324,12 +375,11 @@ class ReviewStrategy(Strategy):
             except OSError:
                 reviewed.add(cid)
         busy = store.leased_by_others(client)
-        ttl = 60.0 * float(_param(request, "lease_minutes", self.lease_minutes))
-        ranked = suspects(signals, by, float(_param(request, "min_score", self.min_score)), exclude=reviewed | busy)
+        ranked = suspects(signals, by, min_score, exclude=reviewed | busy)
         for cid, score in ranked:
             if store.acquire_lease(cid, client, ttl):
                 worst = sorted(signals[cid]["structures"], key=lambda s: -s[f"{by}_z"])[:3]
                 return {"id": cid, "signal": by, "suspect_score": round(score, 3), "client_id": client,
                         "suspect_structures": [{"id": s["id"], "name": s["name"], "z": s[f"{by}_z"]} for s in worst]}
         return {"reason": f"nothing to review: no unreviewed final label has a {by} score >= "
-                          f"{float(_param(request, 'min_score', self.min_score))} ({len(reviewed)} reviewed since the signals)"}
+                          f"{min_score:g} ({len(reviewed)} reviewed since the signals)"}

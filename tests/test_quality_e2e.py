@@ -105,6 +105,29 @@ def test_four_annotators_get_four_different_cases(server):
     assert not fifth["id"] and "out with other annotators" in fifth["reason"]
 
 
+def test_bad_options_and_unknown_strategies_are_told_not_crashed(server):
+    def post(strategy, **params):
+        return requests.post(f"{server.url}/activelearning/{strategy}", json={"client_id": "opts", **params}, timeout=30)
+
+    r = post("nosuch")
+    assert r.status_code == 404 and "quality" in r.text and "nosuch" in r.text
+    for strategy, params, word in (("quality", {"aggregate": "median"}, "aggregate"),
+                                   ("quality", {"good_enough": "abc"}, "good_enough"),
+                                   ("quality", {"good_enough": 5}, "good_enough"),
+                                   ("quality", {"lease_minutes": -5}, "lease_minutes"),
+                                   ("quality", {"lease_minutes": 1e300}, "lease_minutes"),
+                                   ("budget", {"lease_minutes": "nan"}, "lease_minutes"),
+                                   ("review", {"signal": "foo"}, "signal")):
+        r = post(strategy, **params)
+        assert r.status_code == 422 and word in r.text, (strategy, params, r.status_code, r.text)
+    for body, word in (({"cases": "3"}, "cases"), ({"minutes": "abc"}, "minutes"), ({"cases": True}, "cases"),
+                       ({"minutes": 1e308}, "minutes"), ({"cases": 3, "good_enough": "x"}, "good-enough"),
+                       ({"cases": 3, "cost_model": {"base_minutes": "x"}}, "base_minutes")):
+        r = requests.put(f"{server.url}/labelsentinel/budget", json=body, timeout=30)
+        assert r.status_code == 422 and word in r.text, (body, r.status_code, r.text)
+    assert not requests.get(f"{server.url}/labelsentinel/budget", timeout=30).json()["plan"]  # none was set
+
+
 def test_lead_cli_budget_and_report(server, tmp_path):
     def cli(*a):
         return subprocess.run([sys.executable, "-m", "labelsentinel.cli", *a, "--server", server.url],
@@ -116,10 +139,13 @@ def test_lead_cli_budget_and_report(server, tmp_path):
     s = Store(store_path(server.studies))
     for cid in list(s.leases()):
         s.release_lease(cid)
+    assert cli("plan", "--cases", "0").returncode == 0
+    a = requests.post(f"{server.url}/activelearning/budget", json={"client_id": "b0"}, timeout=30).json()
+    assert not a["id"] and "buys none of the" in a["reason"], a
     r = cli("plan", "--cases", "2", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert plan["budget_cases"] == 2 and len(plan["cases"]) <= 2
+    assert plan["budget_cases"] == 2 and len(plan["cases"]) <= 2 and plan["planned_cases"] == len(plan["cases"])
     got = []
     for i in range(4):
         a = requests.post(f"{server.url}/activelearning/budget", json={"client_id": f"b{i}"}, timeout=30).json()
@@ -142,6 +168,13 @@ def test_lead_cli_budget_and_report(server, tmp_path):
     assert "Label quality report" in page and "data:image/png;base64" in page
     rows = list(csv.DictReader(open(out / "structures.csv")))
     assert len({x["case"] for x in rows}) == 7
+    # the demo's three final labels over pseudo-labels are corrections: their real pairs are listed
+    assert "Corrections: 3 corrected pseudo-label(s)" in page
+    pairs = list(csv.DictReader(open(out / "corrections.csv")))
+    with open(os.path.join(server.studies, "truth", "cases.csv")) as f:
+        finals = {r["case"] for r in csv.DictReader(f) if r["has_final"] in ("1", "True", "true")}
+    assert {p["case"] for p in pairs} == finals and len(finals) == 3
+    assert st["corrections"]["corrected_labels"] == 3 and st["corrections"]["pairs"] == len([p for p in pairs if p["predicted_dice"]])
     curve = list(csv.DictReader(open(out / "budget_curve.csv")))
     assert float(curve[-1]["expected_dataset_dice"]) >= float(curve[0]["expected_dataset_dice"])
 

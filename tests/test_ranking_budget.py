@@ -54,7 +54,7 @@ def test_budget_in_cases_takes_largest_gains():
     assert g["b"] == pytest.approx(0.8 / 7)
     p = plan_budget(recs, budget_cases=2)
     assert [c.case_id for c in p.cases] == ["b", "c"]
-    assert p.left_cases == 0 and p.dataset_dice_after == pytest.approx(dataset_dice(recs) + (0.8 + 0.8) / 7)
+    assert p.planned_cases == p.budget_cases and p.dataset_dice_after == pytest.approx(dataset_dice(recs) + (0.8 + 0.8) / 7)
     assert p.curve[0] == (0, dataset_dice(recs)) and len(p.curve) == 3
     assert plan_budget(recs, budget_cases=0).cases == []
     e = plan_budget([], budget_cases=5)
@@ -78,14 +78,14 @@ def test_minute_budget_skips_too_expensive_cases_and_is_optimal():
     big = {"case": "big", "structures": [{"id": 1, "name": "liver", "predicted_dice": 0.0, "voxels": 10**6}]}
     recs = [big, rec("a", 0.5), rec("b", 0.6)]
     p = plan_budget(recs, budget_minutes=15, cost_model=cm)
-    assert "big" not in [c.case_id for c in p.cases] and p.used_minutes <= 15 and p.cases
+    assert "big" not in [c.case_id for c in p.cases] and p.planned_minutes <= 15 and p.cases
     rng = np.random.default_rng(0)
     for trial in range(25):
         recs = [rec(f"c{i}", *rng.uniform(0.1, 1, rng.integers(1, 4)).round(3), voxels=int(rng.integers(100, 50000)))
                 for i in range(7)]
         budget = float(rng.uniform(2, 25))
         p = plan_budget(recs, budget_minutes=budget, cost_model=cm, resolution=0.001)
-        assert p.used_minutes <= budget + 1e-6
+        assert p.planned_minutes <= budget + 1e-6
         gains, costs = expected_gains(recs), {r["case"]: cm.minutes(r) for r in recs}
         best = max(sum(gains[c] for c in s) for k in range(8) for s in itertools.combinations(gains, k)
                    if sum(costs[c] for c in s) <= budget)
@@ -137,12 +137,12 @@ def test_minute_budget_keeps_cases_that_fit_exactly():
     assert [c.case_id for c in plan_budget(one, budget_minutes=cost).cases] == ["a"]
     three = [rec(c, 0.5) for c in "abc"]
     p = plan_budget(three, budget_minutes=10.2, cost_model=CostModel(minutes_per_case=3.4))
-    assert [c.case_id for c in p.cases] == ["a", "b", "c"] and p.used_minutes == pytest.approx(10.2)
+    assert [c.case_id for c in p.cases] == ["a", "b", "c"] and p.planned_minutes == pytest.approx(10.2)
     assert p.method == "exact dynamic programming"
     # a large budget with many cases coarsens the grid but never plans past the budget
     many = [rec(f"c{i:04d}", 0.3 + 0.5 * (i % 7) / 7) for i in range(3000)]
     p = plan_budget(many, budget_minutes=6000.0)
-    assert p.used_minutes <= 6000.0 and len(p.cases) > 100
+    assert p.planned_minutes <= 6000.0 and len(p.cases) > 100
 
 
 def test_cases_and_minutes_are_optimised_together():
@@ -162,7 +162,7 @@ def test_cases_and_minutes_are_optimised_together():
                 for i in range(7)]
         budget, k = float(rng.uniform(2, 25)), int(rng.integers(0, 5))
         p = plan_budget(recs, budget_cases=k, budget_minutes=budget, cost_model=cm)
-        assert p.used_minutes <= budget + 1e-6 and len(p.cases) <= k
+        assert p.planned_minutes <= budget + 1e-6 and len(p.cases) <= k
         gains, costs2 = expected_gains(recs), {r["case"]: cm.minutes(r) for r in recs}
         best = max(sum(gains[c] for c in s) for n in range(k + 1) for s in itertools.combinations(gains, n)
                    if sum(costs2[c] for c in s) <= budget + 1e-9)

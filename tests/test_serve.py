@@ -80,3 +80,22 @@ def test_kill_of_serve_stops_the_server_and_frees_the_port(tmp_path, sample_stud
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_default_app_folder_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from labelsentinel.serve import resolve_app
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_app("apps/sentinel") == os.path.join(repo, "apps", "sentinel")
+    (tmp_path / "apps" / "sentinel").mkdir(parents=True)
+    assert resolve_app("apps/sentinel") == str(tmp_path / "apps" / "sentinel")  # a local one wins
+
+
+def test_lead_commands_say_what_is_wrong_without_a_traceback():
+    for args, words in ((("status", "--score"), "cannot reach"), (("plan", "--cases", "2"), "cannot reach"),
+                        (("plan", "--cases", "2", "--cost-model", "{bad"), "--cost-model is not valid JSON"),
+                        (("plan", "--minutes", "nan"), "--minutes must be a finite number")):
+        r = subprocess.run([sys.executable, "-m", "labelsentinel.cli", *args, "--server", "http://127.0.0.1:9"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -37,6 +37,22 @@ def register_routes(app_instance) -> None:
         cal = iter(calibrate_records([r["record"] for r in rows if r["record"]],
                                      lambda v: load_calibration(store, v, prior) if v else None))
         rows = [{**r, "record": next(cal)} if r["record"] else r for r in rows]
+        # Real (predicted, true) Dice pairs from annotators' corrections, and the calibration of the estimator
+        # now in use that they give.
+        from labelsentinel.models.estimator import weights_version
+
+        try:
+            version = weights_version(app_instance._active_estimator())
+        except Exception:  # no weights file: nothing scored either
+            version = None
+        pairs = store.corrections()
+        calib = store.get_setting(f"calibration:{version}") if version else None
+        corrections = {
+            "estimator_version": version,
+            "pairs": pairs,
+            "cases": len({(p["image_id"], p["tag"]) for p in pairs}),
+            "calibration": {k: calib.get(k) for k in ("n", "cases", "mae_before", "mae_after", "conformal_pairs")} if calib else None,
+        }
         return {
             "good_enough": app_instance.threshold,
             "tag": tag,
@@ -45,6 +61,7 @@ def register_routes(app_instance) -> None:
             "unreadable_images": ds.unreadable_images() if hasattr(ds, "unreadable_images") else {},
             "records": [{**r, "has_final": r["image_id"] in labeled} for r in rows],
             "leases": store.leases(),
+            "corrections": corrections,
         }
 
     @router.get("/quality")
@@ -69,7 +86,7 @@ def register_routes(app_instance) -> None:
                 budget_minutes=body.get("minutes"), cost_model=body.get("cost_model"),
                 threshold=body.get("good_enough", app_instance.threshold), tag=body.get("tag", "original"),
             )
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         logger.info(f"budget set: {body} -> {len(plan['cases'])} planned case(s)")
         return plan
@@ -228,7 +245,15 @@ def register_activelearning_route(fastapi_app) -> None:
         if not params.get("client_id"):
             host = request.client.host if request.client else "unknown"
             params["client_id"] = f"anonymous@{host}"
-        return sample(strategy, params, user.username)
+        from monailabel.interfaces.utils.app import app_instance
+
+        known = getattr(app_instance(), "_strategies", None) or {}
+        if known and strategy not in known:
+            raise HTTPException(status_code=404, detail=f"no strategy {strategy!r}; this server has: {', '.join(known)}")
+        try:
+            return sample(strategy, params, user.username)
+        except ValueError as e:  # a bad option value: say which, instead of a bare 500
+            raise HTTPException(status_code=422, detail=str(e)) from e
 
     fastapi_app.add_api_route("/activelearning/{strategy}", next_sample, methods=["POST"], include_in_schema=False,
                               name="labelsentinel_activelearning")
