@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS leases (
     client_id TEXT NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS skips (
+    case_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (case_id, client_id)
+);
 CREATE TABLE IF NOT EXISTS corrections (
     image_id TEXT NOT NULL,
     tag TEXT NOT NULL,
@@ -219,6 +225,22 @@ class Store:
     def leased_by_others(self, client_id: str, now: float | None = None) -> set[str]:
         now = time.time() if now is None else now
         rows = self._conn().execute("SELECT case_id FROM leases WHERE expires > ? AND client_id != ?", (now, client_id))
+        return {r[0] for r in rows}
+
+    def let_go(self, client_id: str, skip_seconds: float, now: float | None = None) -> list[str]:
+        """The cases out with ``client_id`` go back to the others (an annotator who asks for a next sample without
+        saving is done with the case) and are kept from that annotator for ``skip_seconds``. Returns them."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            cases = [r[0] for r in c.execute("SELECT case_id FROM leases WHERE client_id=? AND expires > ?", (client_id, now))]
+            c.execute("DELETE FROM leases WHERE client_id=?", (client_id,))
+            c.executemany("INSERT OR REPLACE INTO skips VALUES (?, ?, ?)", [(k, client_id, now + skip_seconds) for k in cases])
+            c.execute("DELETE FROM skips WHERE until <= ?", (now,))
+        return cases
+
+    def skipped_by(self, client_id: str, now: float | None = None) -> set[str]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute("SELECT case_id FROM skips WHERE client_id=? AND until > ?", (client_id, now))
         return {r[0] for r in rows}
 
     def leases(self, now: float | None = None) -> dict[str, dict]:

@@ -178,6 +178,18 @@ def _lease_seconds(request: dict, default_minutes: float) -> float:
     return 60.0 * _number(request, "lease_minutes", default_minutes, lo=0.0, hi=MAX_LEASE_MINUTES, lo_open=True)
 
 
+def _let_go(store: Store, client: str, ttl: float) -> set[str]:
+    """Asking for a next sample means the annotator is done with the case they hold: a case they did not save
+    goes back to the others, and comes back to them only when nothing else is left (for a lease period).
+    Returns the cases this annotator skipped."""
+    store.let_go(client, ttl)
+    return store.skipped_by(client)
+
+
+def _skipped_last(cases: list, skipped: set[str], key=lambda c: c) -> list:
+    return sorted(cases, key=lambda c: key(c) in skipped)  # stable: the order within each part is kept
+
+
 def _structures(request) -> list[str] | None:
     s = _param(request, "structures", "")
     return [x.strip() for x in str(s).split(",") if x.strip()] or None
@@ -185,7 +197,8 @@ def _structures(request) -> list[str] | None:
 
 class QualityStrategy(Strategy):
     """Serves the unlabeled case whose pseudo-label most needs a human; never the same case to two
-    annotators while it is out; never a case whose predicted quality is already good enough."""
+    annotators while it is out; never a case whose predicted quality is already good enough. An annotator who
+    asks again without saving skips the case they hold (see ``_let_go``)."""
 
     def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0,
                  prior_mae: float = 0.1):
@@ -222,20 +235,22 @@ class QualityStrategy(Strategy):
     def __call__(self, request, datastore: Datastore):
         client = str(request.get("client_id") or "anonymous")
         store, ranked, unlabeled, scored, threshold = self.candidates(request, datastore)
-        busy = store.leased_by_others(client)
         ttl = _lease_seconds(request, self.lease_minutes)
-        for rc in ranked:
-            if rc.case_id not in busy and store.acquire_lease(rc.case_id, client, ttl):
-                return {"id": rc.case_id, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
-                        "client_id": client}
-        # Cases without a score (just added, or a label that cannot be read) come after every scored case
-        # that needs a human: their label is unknown or unusable, so a person must look.
+        skipped = _let_go(store, client, ttl)
+        busy = store.leased_by_others(client)
         tag = str(_param(request, "label_tag", "original"))
-        for cid in sorted(unlabeled - scored - busy):
-            if store.acquire_lease(cid, client, ttl):
-                q = store.get_quality(cid, tag)
-                why = f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
-                return {"id": cid, "predicted_dice": None, "reason": why, "client_id": client}
+        # Scored cases that need a human, worst first; then cases without a score (just added, or a label that
+        # cannot be read: unknown or unusable, so a person must look); the ones this annotator skipped last.
+        order = [(rc.case_id, rc) for rc in ranked] + [(cid, None) for cid in sorted(unlabeled - scored)]
+        for cid, rc in _skipped_last(order, skipped, key=lambda c: c[0]):
+            if cid in busy or not store.acquire_lease(cid, client, ttl):
+                continue
+            if rc is not None:
+                return {"id": cid, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
+                        "client_id": client}
+            q = store.get_quality(cid, tag)
+            why = f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
+            return {"id": cid, "predicted_dice": None, "reason": why, "client_id": client}
         # Why nothing is left, counted over the unlabeled scored cases.
         method, subset = str(_param(request, "aggregate", "min")), _structures(request)
         out_now = busy & unlabeled
@@ -258,7 +273,8 @@ class BudgetStrategy(Strategy):
     The plan is made when a project lead sets the budget (``labelsentinel plan --server URL --cases N`` or
     ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. A
     planned case counts as used while it is out with an annotator (its lease runs) and once it has a final
-    label; a case an annotator let go without saving (lease expired) goes back to the plan, for anyone. Serving
+    label; a case an annotator let go without saving (asked for another, or the lease expired) goes back to
+    the plan, for anyone. Serving
     never writes the plan, so it cannot undo a lead's new budget set at the same moment.
     """
 
@@ -312,10 +328,9 @@ class BudgetStrategy(Strategy):
         if not plan:
             return self.status(store, datastore)
         labeled = set(datastore.get_labeled_images())
+        skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
-        # A case out with this annotator comes back to them (e.g. after a viewer restart) before a new one.
-        mine = {cid for cid, lease in store.leases().items() if lease["client_id"] == client}
-        for c in sorted(plan["cases"], key=lambda c: c["case_id"] not in mine):
+        for c in _skipped_last(plan["cases"], skipped, key=lambda c: c["case_id"]):
             cid = c["case_id"]
             if cid in labeled or cid in busy:
                 continue
@@ -374,9 +389,10 @@ class ReviewStrategy(Strategy):
                     reviewed.add(cid)
             except OSError:
                 reviewed.add(cid)
+        skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
         ranked = suspects(signals, by, min_score, exclude=reviewed | busy)
-        for cid, score in ranked:
+        for cid, score in _skipped_last(ranked, skipped, key=lambda r: r[0]):
             if store.acquire_lease(cid, client, ttl):
                 worst = sorted(signals[cid]["structures"], key=lambda s: -s[f"{by}_z"])[:3]
                 return {"id": cid, "signal": by, "suspect_score": round(score, 3), "client_id": client,

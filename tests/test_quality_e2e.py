@@ -79,7 +79,14 @@ def test_quality_strategy_serves_the_worst_case_first(server, studies):
                                                                        "good_enough": 0.999}, timeout=30).json()
     assert r["id"] == min(left, key=left.get), (r, left)
     assert r["worst_structures"] and r["predicted_dice"] < 0.999
-    requests.post(f"{server.url}/activelearning/quality", json={"client_id": "lead"}, timeout=30)
+    # Asking again without saving skips the case: the next one comes, and the first goes back to the others.
+    again = requests.post(f"{server.url}/activelearning/quality", json={"client_id": "lead", "aggregate": "mean",
+                                                                           "good_enough": 0.999}, timeout=30).json()
+    rest = {c: d for c, d in left.items() if c != r["id"]}
+    assert again["id"] == min(rest, key=rest.get), (again, rest)
+    from labelsentinel.store import Store, store_path
+
+    assert set(Store(store_path(studies)).leases()) == {again["id"]}
 
 
 def test_four_annotators_get_four_different_cases(server):
@@ -97,7 +104,10 @@ def test_four_annotators_get_four_different_cases(server):
     served = [results[c]["id"] for c in results]
     # 5 unlabeled cases, one out with "lead" (previous test): the 4 annotators get the other 4, all different;
     # the case whose label cannot be read comes last, with the reason.
-    assert len(set(served)) == 4 and all(served) and "case_003" not in served, results
+    from labelsentinel.store import Store, store_path
+
+    leads = [c for c, l in Store(store_path(server.studies)).leases().items() if l["client_id"] == "lead"]
+    assert len(set(served)) == 4 and all(served) and len(leads) == 1 and leads[0] not in served, results
     broken = [r for r in results.values() if r["id"] == BROKEN]
     assert broken and "could not be scored" in broken[0]["reason"]
     fifth = requests.post(f"{server.url}/activelearning/quality", json={"client_id": "late", "good_enough": 0.999},

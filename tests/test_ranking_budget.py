@@ -193,8 +193,10 @@ def test_budget_strategy_gives_back_abandoned_cases_and_never_rewrites_the_plan(
     short = {"lease_minutes": 0.5 / 60}  # a 0.5 s lease
     got = strat({"client_id": "alice", **short}, ds)
     assert got["id"] == "a" and got["used_cases"] == 1 and got["left_cases"] == 1
-    assert strat({"client_id": "alice", **short}, ds)["id"] == "a"  # her own case back first (viewer restart)
-    assert strat({"client_id": "bob", **short}, ds)["id"] == "b"
+    # asking again without saving skips: alice gets b, and a goes back to the plan (she gets it only last)
+    got = strat({"client_id": "alice", **short}, ds)
+    assert got["id"] == "b" and got["used_cases"] == 1
+    assert strat({"client_id": "bob", **short}, ds)["id"] == "a"
     assert "budget spent" in strat({"client_id": "carol"}, ds)["reason"]
     time.sleep(0.6)  # both let their case go without saving: the cases go back to the plan
     assert BudgetStrategy.status(s, ds)["used_cases"] == 0
@@ -211,3 +213,16 @@ def test_budget_strategy_gives_back_abandoned_cases_and_never_rewrites_the_plan(
     s.acquire_lease = lead_replans_meanwhile
     strat({"client_id": "dave"}, ds)
     assert s.get_setting("budget_plan")["budget_cases"] == 1
+
+
+def test_asking_again_skips_the_case_and_it_comes_back_only_when_nothing_else_is_left(tmp_path):
+    from labelsentinel.strategies.monailabel_adapters import QualityStrategy
+
+    s, ds = Store(str(tmp_path / "db")), _Datastore("abc")
+    for cid, d in (("a", 0.3), ("b", 0.5), ("c", 0.6)):
+        s.put_quality(cid, "original", "x", "v", record={**rec(cid, d), "tag": "original", "estimator_version": "v"})
+    q = QualityStrategy(lambda: s, 0.9)
+    assert [q({"client_id": "ann"}, ds)["id"] for _ in range(4)] == ["a", "b", "c", "a"]
+    assert set(s.leases()) == {"a"}  # one case out with the annotator at a time
+    assert q({"client_id": "other"}, ds)["id"] == "b"  # what ann skipped is back for the others
+    assert s.skipped_by("ann") == {"a", "b", "c"} and s.skipped_by("other") == set()
