@@ -8,7 +8,8 @@ Test Dice = mean Dice over the 8 structures of held-out phantoms against their t
 Parts (``--part``, default all):
 - ``calibration``: two shifted pseudo-label sources the estimator was not trained on (compound: dilation plus
   boundary noise plus a shift of every structure; dilated: every structure systematically dilated, as a
-  model from another site might give). Estimator MAE on 40 held-out labels of each source before and after
+  model from another site might give), and the demo studies' own pseudo-labels (not shifted: recalibration
+  must not make them worse). Estimator MAE on 40 held-out labels of each source before and after
   recalibration with 5, 10 and 20 corrected cases (real pairs), mean and sd over 10 draws; and after
   fine-tuning the estimator on 10 and 20 corrected cases then recalibrating (as the server does), 3 draws.
 - ``label_errors``: 20 final labels, 10%, 20% and 40% of them corrupted with one of three kinds (random
@@ -146,10 +147,21 @@ def dilated_source(truth, rng):
     return out, structure_dice(out, truth)
 
 
+def demo_source(truth, rng):
+    """The demo studies' own pseudo-labels: every degradation kind the estimator was trained on, at a grade drawn
+    uniformly from 0.1 to 0.95 (not shifted: the estimator already judges these well)."""
+    from labelsentinel.models.degradations import degrade_case
+    from labelsentinel.sampledata import PHANTOM_LABELS, SPACING
+
+    return degrade_case(truth, SPACING, rng, quality=float(rng.uniform(0.1, 0.95)), names=PHANTOM_LABELS)
+
+
 SOURCES = {
     "compound": ("every structure dilated, boundary-noised and shifted together", shifted_source),
     "dilated": ("every structure systematically dilated (over-segmentation)", dilated_source),
+    "demo": ("the demo studies' pseudo-labels, of the kinds the estimator was trained on (not shifted)", demo_source),
 }
+SHIFTED = ("compound", "dilated")
 
 
 def _score_source(est, data):
@@ -169,10 +181,12 @@ def _calibrated_mae(cases, pick, test, prior, trained=()):
 
     fit = np.array([p for j in pick for p in cases[j]])
     use = [j not in set(trained) for j in pick for _ in cases[j]]
-    cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior, groups=fit[:, 2].astype(int), conformal=use)
+    case = [j for j in pick for _ in cases[j]]
+    cal = Calibration.fit(fit[:, 0], fit[:, 1], prior_mae=prior, groups=fit[:, 2].astype(int), conformal=use,
+                          cases=case)
     g = test[:, 2].astype(int)
     return (float(np.mean(np.abs(cal.apply(test[:, 0], g) - test[:, 1]))),
-            float(np.mean(test[:, 1] >= cal.lower_bound(test[:, 0], 0.1, group=g))))
+            float(np.mean(test[:, 1] >= cal.lower_bound(test[:, 0], 0.1, group=g))), bool(cal.applied))
 
 
 FT_DRAWS = 3
@@ -207,8 +221,8 @@ def finetuned_mae(est, data, cases, pick, prior, out, seed, **kw):
     res = finetune([Correction(str(j), *data[j][3], PHANTOM_LABELS) for j in pick], out, seed=seed, **kw)
     sc = _score_source(QualityEstimator.load(res["weights"]), data) if res["accepted"] else cases
     trained = [j for j in pick if str(j) in res["trained_cases"]] if res["accepted"] else []
-    m, cover = _calibrated_mae(sc, pick, np.array([p for c in sc[20:] for p in c]), prior, trained)
-    return m, cover, res
+    m, cover, applied = _calibrated_mae(sc, pick, np.array([p for c in sc[20:] for p in c]), prior, trained)
+    return m, cover, applied, res
 
 
 def part_calibration(args):
@@ -218,14 +232,17 @@ def part_calibration(args):
 
     est = QualityEstimator.load()
     prior = float(est.checkpoint["validation"]["estimator"]["mae"])
-    md = ["### Recalibration on shifted pseudo-label sources", "",
+    md = ["### Recalibration on shifted pseudo-label sources, and on the estimator's own kinds", "",
           "Per source: 60 new phantoms; 40 held-out labels (320 structures) measure the MAE; corrections are drawn "
-          "from the 20 others. Neither source is a training degradation kind. Recalibration alone (monotone map, "
-          "per-structure offsets, conformal bound): 10 draws per row. Recalibration after fine-tuning the estimator "
-          f"on the corrected cases (what the server does each time `finetune_after` more cases are corrected, "
-          f"with its acceptance rule; then every label is re-scored and the calibration refitted on the new "
-          f"weights' predictions): {FT_DRAWS} draws per row.", ""]
-    verdicts = []
+          "from the 20 others. `compound` and `dilated` are shifted sources (neither is a training degradation "
+          "kind); `demo` is the demo studies' own pseudo-labels, which the estimator already judges well, where "
+          "recalibration must not make things worse. The calibration (monotone map, per-structure offsets) is "
+          "applied only when, cross-validated over the corrected cases, it lowers their error by 5% (from 3 "
+          "corrected cases on); otherwise the raw estimate and its residuals stand. Recalibration alone: 10 draws "
+          "per row. Recalibration after fine-tuning the estimator on the corrected cases (what the server does "
+          "each time `finetune_after` more cases are corrected, with its acceptance rule; then every label is "
+          f"re-scored and the calibration refitted on the new weights' predictions): {FT_DRAWS} draws per row.", ""]
+    verdicts, demo_line = [], ""
     tmpdir = tempfile.TemporaryDirectory(prefix="ls-calib-")  # removed at exit: phantoms, fine-tuned weights
     tmp = tmpdir.name
     for key, (desc, _) in SOURCES.items():
@@ -235,41 +252,48 @@ def part_calibration(args):
         print(f"  calibration ({key}): 60 labels scored in {time.time() - t0:.0f} s", flush=True)
         test = np.array([p for c in cases[20:] for p in c])
         raw = float(np.mean(np.abs(test[:, 0] - test[:, 1])))
-        rows = [("0 (raw estimator)", raw, 0.0, float(np.mean(test[:, 1] >= np.clip(test[:, 0] - 2 * prior, 0, 1))))]
+        rows = [("0 (raw estimator)", raw, 0.0, float(np.mean(test[:, 1] >= np.clip(test[:, 0] - 2 * prior, 0, 1))), "")]
         ft_rows = {}
         for k in (5, 10, 20):
             res = [_calibrated_mae(cases, np.random.default_rng([draw, k]).choice(20, k, replace=False), test, prior)
                    for draw in range(10)]
             maes, covers = [r[0] for r in res], [r[1] for r in res]
             rows.append((f"{k} corrected cases ({k * 8} pairs), recalibration", float(np.mean(maes)),
-                         float(np.std(maes)), float(np.mean(covers))))
+                         float(np.std(maes)), float(np.mean(covers)), f"{sum(r[2] for r in res)} of 10"))
             if k < 10:
                 continue
-            maes, covers, acc = [], [], 0
+            maes, covers, acc, app = [], [], 0, 0
             for draw in range(FT_DRAWS):
                 pick = np.random.default_rng([draw, k]).choice(20, k, replace=False)
                 t1 = time.time()
-                m, c, out = finetuned_mae(est, data, cases, pick, prior, os.path.join(tmp, f"ft_{key}_{k}_{draw}.pt"),
-                                          seed=draw)
+                m, c, applied, out = finetuned_mae(est, data, cases, pick, prior,
+                                                   os.path.join(tmp, f"ft_{key}_{k}_{draw}.pt"), seed=draw)
                 acc += bool(out["accepted"])
+                app += applied
                 maes.append(m)
                 covers.append(c)
                 print(f"  calibration ({key}): fine-tuned on {k} cases, draw {draw}: accepted {out['accepted']}, "
                       f"MAE {m:.3f} ({time.time() - t1:.0f} s)", flush=True)
             ft_rows[k] = float(np.mean(maes))
             rows.append((f"{k} corrected cases, fine-tuning + recalibration (accepted {acc} of {FT_DRAWS})",
-                         float(np.mean(maes)), float(np.std(maes)), float(np.mean(covers))))
+                         float(np.mean(maes)), float(np.std(maes)), float(np.mean(covers)), f"{app} of {FT_DRAWS}"))
         md += [f"**Source `{key}`**: {desc}; mean true Dice {test[:, 1].mean():.3f}, mean raw prediction "
                f"{test[:, 0].mean():.3f}.", "",
-               "| corrections used | estimator MAE (mean) | sd over draws | coverage of the 90% lower bound |",
-               "|---|---|---|---|"]
-        md += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f} |" for r in rows]
+               "| corrections used | estimator MAE (mean) | sd over draws | coverage of the 90% lower bound | calibration applied |",
+               "|---|---|---|---|---|"]
+        md += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f} | {r[4]} |" for r in rows]
         cal10, ft10 = rows[2][1], ft_rows[10]
-        verdicts.append(f"`{key}` {raw:.3f} -> {cal10:.3f} by recalibration alone ({raw / cal10:.1f}x lower), "
-                        f"-> {ft10:.3f} with fine-tuning at 10 corrections (**{raw / ft10:.1f}x lower**, "
-                        f"{'met' if raw / ft10 >= 2 else 'not met'})")
+        if key in SHIFTED:
+            verdicts.append(f"`{key}` {raw:.3f} -> {cal10:.3f} by recalibration alone ({raw / cal10:.1f}x lower), "
+                            f"-> {ft10:.3f} with fine-tuning at 10 corrections (**{raw / ft10:.1f}x lower**, "
+                            f"{'met' if raw / ft10 >= 2 else 'not met'})")
+        else:
+            worst = max(r[1] for r in rows[1:])
+            demo_line = (f"On `{key}`, which needs no recalibration, the MAE goes from {raw:.3f} to at most {worst:.3f} "
+                         f"in any row ({'not worse' if worst <= raw + 0.002 else 'worse'}).")
         md.append("")
-    md.append("Target (issue 5): recalibration halves the MAE after 10 corrections: " + "; ".join(verdicts) + ".")
+    md.append("Target (issue 5): recalibration halves the MAE after 10 corrections: " + "; ".join(verdicts) + ". "
+              + demo_line)
     return "\n".join(md)
 
 

@@ -48,7 +48,7 @@ def main():
         for draw in range(B.FT_DRAWS):
             pick = np.random.default_rng([draw, args.cases]).choice(20, args.cases, replace=False)
             t1 = time.time()
-            m, cover, out = B.finetuned_mae(est, data, cases, pick, prior, os.path.join(tmpdir.name, f"ft_{draw}.pt"),
+            m, cover, _, out = B.finetuned_mae(est, data, cases, pick, prior, os.path.join(tmpdir.name, f"ft_{draw}.pt"),
                                             seed=draw, **json.loads(v))
             secs.append(time.time() - t1)
             maes.append(m)

@@ -99,7 +99,8 @@ def _corrections_summary(q: dict) -> dict:
     cal = c.get("calibration") or {}
     return {"corrected_labels": c.get("cases", 0), "pairs": len(pairs),
             "pairs_current_estimator": sum(p.get("estimator_version") == c.get("estimator_version") for p in pairs),
-            "mae_raw": cal.get("mae_before"), "mae_recalibrated": cal.get("mae_after")}
+            "mae_raw": cal.get("mae_before"), "mae_recalibrated": cal.get("mae_after"),
+            "recalibration_applied": bool(cal.get("applied", True)) if cal else False}
 
 
 def _corrections_text(c: dict) -> str:
@@ -108,7 +109,9 @@ def _corrections_text(c: dict) -> str:
     t = f"{c['corrected_labels']} corrected pseudo-label(s), {c['pairs']} real (predicted, true) Dice pairs"
     if c["mae_raw"] is not None and c["mae_recalibrated"] is not None:
         t += (f"; estimator error on them: {c['mae_raw']:.3f} raw, {c['mae_recalibrated']:.3f} recalibrated "
-              "(mean absolute, leave-one-out)")
+              "(mean absolute, cross-validated by case): "
+              + ("recalibration applied" if c["recalibration_applied"] else
+                 "recalibration not applied (it must lower the error by 5%, from 3 corrected labels on)"))
     return t
 
 

@@ -85,7 +85,8 @@ def recalibrate(store: Store, version: str, prior_mae: float, trained_cases=()) 
     groups = [structure_key(r) for r in pairs]
     trained = set(trained_cases or ())
     cal = Calibration.fit(p, t, prior_mae=prior_mae, groups=groups,
-                          conformal=[r["image_id"] not in trained for r in pairs])
+                          conformal=[r["image_id"] not in trained for r in pairs],
+                          cases=[f"{r['image_id']}/{r['tag']}" for r in pairs])
     d = cal.to_dict()
     d.update(version=version, ts=time.time(), cases=len({(r["image_id"], r["tag"]) for r in pairs}))
     store.set_setting(calibration_key(version), d)
@@ -119,7 +120,7 @@ def calibrate_records(records: list[dict], cal_for_version) -> list[dict]:
             s["predicted_dice"] = round(float(cal.apply(s["predicted_dice"], group)), 4)
             s["lower_bound"] = round(float(cal.lower_bound(s["raw_predicted_dice"], group=group)), 4)
             structs.append(s)
-        out.append({**rec, "structures": structs, "calibrated": True})
+        out.append({**rec, "structures": structs, "calibrated": bool(cal.applied)})
     return out
 
 

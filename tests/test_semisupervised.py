@@ -72,20 +72,20 @@ def test_conformal_bound_comes_only_from_pairs_the_weights_were_not_trained_on()
     """After fine-tuning, the estimator fits the corrected cases it was trained on far better than new labels:
     their residuals must not set the bound, or it covers much less than it claims."""
     rng = np.random.default_rng(4)
-    true = rng.uniform(0.3, 1.0, 80)
-    trained = np.arange(80) < 70  # 70 pairs the weights learned (residual ~0.002), 10 new ones (~0.08)
+    true = rng.uniform(0.3, 1.0, 180)
+    trained = np.arange(180) < 150  # 150 pairs the weights learned (residual ~0.002), 30 new ones (~0.08)
     pred = np.clip(true + rng.normal(0, np.where(trained, 0.002, 0.08)), 0, 1)
     naive = Calibration.fit(pred, true, prior_mae=0.05)
     honest = Calibration.fit(pred, true, prior_mae=0.05, conformal=~trained)
-    assert honest.conformal_pairs == 10 and len(honest.residuals) == 10
+    assert honest.conformal_pairs == 30 and len(honest.residuals) == 30
     assert honest.xs == naive.xs and honest.ys == naive.ys  # the map uses every pair
     new_t = rng.uniform(0.3, 1.0, 400)
     new_p = np.clip(new_t + rng.normal(0, 0.08, 400), 0, 1)
     assert np.mean(new_t >= naive.lower_bound(new_p, 0.1)) < 0.8
     assert np.mean(new_t >= honest.lower_bound(new_p, 0.1)) >= 0.85
-    assert Calibration.from_dict(honest.to_dict()).conformal_pairs == 10
+    assert Calibration.from_dict(honest.to_dict()).conformal_pairs == 30
     # fewer than MIN_PAIRS unseen pairs: the prior bound, not the trained pairs' residuals
-    few = Calibration.fit(pred, true, prior_mae=0.05, conformal=np.arange(80) < 2)
+    few = Calibration.fit(pred, true, prior_mae=0.05, conformal=np.arange(180) < 2)
     assert few.residuals == [] and few.quantile(0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         Calibration.fit(pred, true, conformal=[True])
@@ -346,3 +346,34 @@ def test_conformal_bound_keeps_its_coverage_with_few_pairs():
         assert hits / trials >= 0.89, (n, hits / trials)
     c = Calibration(n=4, residuals=[0.01, 0.02, 0.03, 0.2], prior_mae=0.04)
     assert c.quantile(0.1) == 0.2  # the largest residual when it is wider than the prior bound
+
+
+def test_calibration_is_applied_only_when_it_beats_the_estimator_across_cases():
+    rng = np.random.default_rng(7)
+
+    def source(n_cases, bias):
+        p, t, c, g = [], [], [], []
+        for k in range(n_cases):
+            case_err = rng.normal(0, 0.06)  # one label's error is shared by its structures
+            for s in range(8):
+                tt = rng.uniform(0.3, 1.0)
+                p.append(np.clip(tt + bias + case_err + rng.normal(0, 0.02), 0, 1))
+                t.append(tt)
+                c.append(f"c{k}")
+                g.append(f"s{s}")
+        return np.array(p), np.array(t), np.array(c), np.array(g)
+
+    p, t, c, g = source(10, -0.15)  # a source the estimator under-rates
+    cal = Calibration.fit(p, t, prior_mae=0.05, groups=g, cases=c)
+    assert cal.applied and cal.cases == 10 and cal.mae_after < 0.95 * cal.mae_before
+    np_, nt, _, ng = source(40, -0.15)
+    assert np.mean(np.abs(cal.apply(np_, ng) - nt)) < 0.6 * np.mean(np.abs(np_ - nt))
+    p, t, c, g = source(10, 0.0)  # a source it already judges without bias: left as it is
+    cal = Calibration.fit(p, t, prior_mae=0.05, groups=g, cases=c)
+    assert not cal.applied and cal.apply(0.7, "s1") == 0.7 and len(cal.residuals) == len(p)
+    assert Calibration.from_dict(cal.to_dict()).apply(0.7, "s1") == 0.7
+    recs = calibrate_records([{"case": "z", "estimator_version": "v", "structures": [{"id": 1, "name": "s1", "predicted_dice": 0.7}]}],
+                             lambda v: cal)
+    assert recs[0]["calibrated"] is False and recs[0]["structures"][0]["predicted_dice"] == 0.7
+    p, t, c, g = source(2, -0.15)  # too few corrected labels to judge
+    assert not Calibration.fit(p, t, prior_mae=0.05, groups=g, cases=c).applied

@@ -147,9 +147,11 @@ def test_saving_final_labels_adds_real_pairs_and_changes_calibration(server, cli
 
     q = requests.get(f"{server.url}/labelsentinel/quality", timeout=30).json()
     recs = [r["record"] for r in q["records"] if r.get("record")]
-    assert recs and all(r.get("calibrated") for r in recs)
+    applied = after.get("applied", True)
+    assert recs and all(r.get("calibrated") == applied for r in recs)
     s = recs[0]["structures"][0]
     assert "raw_predicted_dice" in s and "lower_bound" in s
+    assert q["corrections"]["calibration"]["applied"] == applied and q["corrections"]["cases"] >= 2
 
 
 def test_refurbishment_trains_on_predictions_and_never_touches_final_labels(server, client, store, studies):

@@ -51,7 +51,7 @@ def register_routes(app_instance) -> None:
             "estimator_version": version,
             "pairs": pairs,
             "cases": len({(p["image_id"], p["tag"]) for p in pairs}),
-            "calibration": {k: calib.get(k) for k in ("n", "cases", "mae_before", "mae_after", "conformal_pairs")} if calib else None,
+            "calibration": {k: calib.get(k) for k in ("n", "cases", "mae_before", "mae_after", "conformal_pairs", "applied")} if calib else None,
         }
         return {
             "good_enough": app_instance.threshold,
