@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -82,8 +83,17 @@ class _Target:
                                 for p in check_studies(self.where, allow_empty=True)]
         return self._images
 
+    def close(self) -> None:
+        """Remove the temporary folder (images downloaded from the server to check grids)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
     def label_names(self) -> dict[int, str]:
         if self.remote:
+            # The names the server scores with (its studies' label_names.json, --conf label_names, the models'
+            # labels), as the studies folder's label_names.json is used for a local import.
+            served = self._get("/labelsentinel/quality").json().get("label_names")
+            if served:
+                return {int(k): str(v) for k, v in served.items()}
             info = self._get("/info/").json()
             # The models' own name -> id maps (info["labels"] is a list of names, as OHIF needs it).
             names = {int(v): str(k) for m in (info.get("models") or {}).values()
@@ -151,7 +161,7 @@ class _Target:
         return f"{self.where}/datastore/label?label={image_id}&tag={tag}"
 
 
-def _on_image_grid(label_path: str, image_path: str) -> tuple[np.ndarray, np.ndarray]:
+def _on_image_grid(label_path: str, image_path: str, image_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The label's voxels in the image's voxel order. The same grid flipped or with permuted axes is reoriented;
     any other grid is an error with both geometries."""
     import nibabel as nib
@@ -174,7 +184,7 @@ def _on_image_grid(label_path: str, image_path: str) -> tuple[np.ndarray, np.nda
     aff = lab.affine @ nib.orientations.inv_ornt_aff(ornt, arr.shape)
     if moved.shape == img.shape[:3] and np.allclose(aff, img.affine, atol=1e-2):
         return moved, img.affine
-    raise ImportError_(f"{label_path} is not on the grid of its image {image_path}: label "
+    raise ImportError_(f"{label_path} is not on the grid of its image {image_name or image_path}: label "
                        f"{describe_geometry(arr.shape, lab.affine)}; image {describe_geometry(img.shape[:3], img.affine)}")
 
 
@@ -207,7 +217,7 @@ def import_one(target: _Target, path: str, image_id: str | None, names: dict[int
             image_id = os.path.basename(path).split(".nii")[0]
         if image_id not in target.images():
             raise ImportError_(f"{path}: image {image_id!r} is not in the datastore {target.where} (give --image ID)")
-        arr, affine = _on_image_grid(path, target.image_file(image_id))
+        arr, affine = _on_image_grid(path, target.image_file(image_id), image_id if target.remote else None)
         if not np.issubdtype(arr.dtype, np.integer):
             if not np.allclose(arr, np.round(arr)):
                 raise ImportError_(f"{path}: a label must hold integer ids, found fractional values")
@@ -229,21 +239,24 @@ def import_one(target: _Target, path: str, image_id: str | None, names: dict[int
 def import_labels(where: str, files: list[str], label_names: str | dict | None = None, image_ids=None,
                   tag: str = "original", quiet: bool = False) -> list[dict]:
     """Import every file (see the module doc); raises ImportError_ at the first file that cannot be imported."""
-    target = _Target(where)
     if image_ids and len(image_ids) != len(files):
         raise ImportError_(f"{len(image_ids)} --image value(s) for {len(files)} file(s)")
-    names = dict(target.label_names())
-    if isinstance(label_names, dict):
-        names.update({int(k): v for k, v in label_names.items()})
-    elif label_names:
-        names.update(load_label_names(label_names))
-    out = []
-    for i, f in enumerate(files):
-        r = import_one(target, f, image_ids[i] if image_ids else None, names, tag)
-        out.append(r)
-        if not quiet:
-            print(f"{f} ({r['kind']}) -> {r['image']} [{tag}], {len(r['labels'])} structure(s)", file=sys.stderr)
-    return out
+    target = _Target(where)
+    try:
+        names = dict(target.label_names())
+        if isinstance(label_names, dict):
+            names.update({int(k): v for k, v in label_names.items()})
+        elif label_names:
+            names.update(load_label_names(label_names))
+        out = []
+        for i, f in enumerate(files):
+            r = import_one(target, f, image_ids[i] if image_ids else None, names, tag)
+            out.append(r)
+            if not quiet:
+                print(f"{f} ({r['kind']}) -> {r['image']} [{tag}], {len(r['labels'])} structure(s)", file=sys.stderr)
+        return out
+    finally:
+        target.close()
 
 
 def cmd_import(args) -> int:

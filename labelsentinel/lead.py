@@ -89,7 +89,34 @@ def summarize(q: dict, method: str = "min") -> dict:
         "above_threshold": sum(a >= thr for a in aggs),
         "out_with_annotators": len(q.get("leases", {})),
         "corrections": _corrections_summary(q),
+        "training": _training_summary(q),
     }
+
+
+def _training_summary(q: dict) -> dict:
+    t = q.get("training") or {}
+    last = t.get("last") or {}
+    return {"runs": t.get("runs", 0), "last_ts": last.get("ts"), "last_device": last.get("device"),
+            "last_final_labels": last.get("finals"),
+            "last_pseudo_labels": [{"case": p["case"], "quality": p.get("quality"), "reason": p.get("reason")}
+                                   for p in last.get("pseudo_labels") or []],
+            "last_refurbished": [r["case"] for r in last.get("refurbished") or []],
+            "suspect_final_labels": t.get("suspects", [])}
+
+
+def _training_text(t: dict) -> str:
+    if not t["runs"]:
+        return "no training run yet"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["last_ts"])) if t["last_ts"] else "?"
+    pl = ", ".join(p["case"] for p in t["last_pseudo_labels"]) or "none"
+    out = (f"{t['runs']} run(s); last at {when} on {t['last_device']}: {t['last_final_labels']} final label(s), "
+           f"pseudo-labels used: {pl}")
+    if t["last_refurbished"]:
+        out += f"; refurbished: {', '.join(t['last_refurbished'])}"
+    sus = t["suspect_final_labels"]
+    out += (f"; final labels flagged as suspect (loss z >= 2): " + ", ".join(f"{x['case']} ({x['loss_z']:.1f})" for x in sus)
+            if sus else "; no final label flagged as suspect")
+    return out
 
 
 def _corrections_summary(q: dict) -> dict:
@@ -132,6 +159,7 @@ def cmd_status(args) -> int:
           f"({s['good_enough']:.2f}): {s['below_threshold']}, above: {s['above_threshold']}")
     print(f"  out with annotators: {s['out_with_annotators']}")
     print(f"  corrections: {_corrections_text(s['corrections'])}")
+    print(f"  training: {_training_text(s['training'])}")
     for k, v in s["label_errors"].items():
         print(f"  label error: {k}: {v}")
     print(f"  budget: {json.dumps(budget)}")
@@ -321,6 +349,7 @@ Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (ne
 {n_cal} of the scored pseudo-labels are shown recalibrated from annotators' corrections (structures.csv keeps
 the estimator's raw value too).</p>
 <p>Corrections: {e(_corrections_text(_corrections_summary(q)))} (corrections.csv).</p>
+<p>Training: {e(_training_text(_training_summary(q)))}.</p>
 <h2>Predicted Dice per structure</h2>{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
 <h2>Budget curve</h2><p>Expected dataset Dice (mean over structure instances of unlabeled cases) after correcting the
 best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}

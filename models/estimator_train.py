@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labelsentinel.io import check_same_grid, load_image, load_label, load_label_names
+from labelsentinel.io import VolumeError, check_same_grid, load_image, load_label, load_label_names
 from labelsentinel.models import degradations as D
 from labelsentinel.models.estimator import (
     ESTIMATOR_VERSION,
@@ -91,8 +91,15 @@ def find_pairs(sources: list[str], label_names: dict | None = None, use_truth: b
             img, lab = src.split("::", 1)
             pairs.append(Pair(os.path.basename(img).split(".")[0], img, lab, dict(label_names or {})))
         elif src.endswith(".csv"):
+            if not os.path.isfile(src):
+                raise VolumeError(f"{src}: file not found")
             with open(src) as f:
-                for row in csv.DictReader(f):
+                reader = csv.DictReader(f)
+                missing = {"image", "label"} - set(reader.fieldnames or ())
+                if missing:
+                    raise VolumeError(f"{src}: a CSV of training pairs needs the columns image,label[,label_names]; "
+                                      f"missing {', '.join(sorted(missing))} (found {', '.join(reader.fieldnames or ()) or 'none'})")
+                for row in reader:
                     names = load_label_names(row["label_names"]) if row.get("label_names") else dict(label_names or {})
                     pairs.append(Pair(os.path.basename(row["image"]).split(".")[0], row["image"], row["label"], names))
         elif os.path.isdir(src):
@@ -108,7 +115,7 @@ def find_pairs(sources: list[str], label_names: dict | None = None, use_truth: b
                         seen.add(case)
                         pairs.append(Pair(case, img, lab, names))
         else:
-            raise FileNotFoundError(f"{src}: not a studies folder, a CSV file or IMAGE::LABEL")
+            raise VolumeError(f"{src}: not found, or not a studies folder, a CSV file or IMAGE::LABEL")
     return pairs
 
 

@@ -189,6 +189,31 @@ def test_lead_cli_budget_and_report(server, tmp_path):
     assert float(curve[-1]["expected_dataset_dice"]) >= float(curve[0]["expected_dataset_dice"])
 
 
+def test_import_labels_over_http_knows_the_servers_names_and_leaves_no_temporary_files(server, studies, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    names_file = os.path.join(studies, "label_names.json")
+    with open(names_file) as f:
+        names = json.load(f)
+    names["99"] = "urinary_bladder"  # known to the server from its studies' label_names.json only
+    with open(names_file, "w") as f:
+        json.dump(names, f)
+    src = nib.load(os.path.join(studies, "labels", "original", "case_003.nii.gz"))
+    arr = np.asarray(src.dataobj).astype(np.int16)
+    arr[arr == int(arr.max())] = 99
+    lab = tmp_path / "case_003.nii.gz"
+    nib.save(nib.Nifti1Image(arr, src.affine), str(lab))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "labelsentinel.cli", "import-labels", "--server", server.url, str(lab),
+                        "--tag", "model_b"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert 99 in json.loads(r.stdout)[0]["labels"]
+    assert os.listdir(tmp) == []  # the image downloaded to check the grid is gone
+
+
 def test_restart_keeps_every_score(server, tmp_path):
     before = requests.get(f"{server.url}/labelsentinel/quality", timeout=30).json()["records"]
     # Writes by the server itself into its datastore JSON (served markers) must not touch the scores.

@@ -109,6 +109,17 @@ def test_training_uses_chosen_pseudo_labels_and_flags_final_labels(server, clien
     assert set(sig) == set(FINALS)
     for s in sig.values():
         assert s["checkpoints"] == 2 and s["structures"] and all("vog_z" in x for x in s["structures"])
+    # The lead sees the run: which pseudo-labels it used, and the final labels flagged as suspect.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "labelsentinel.cli", "status", "--json", "--server", server.url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)["training"]
+    assert t["runs"] >= 1 and [p["case"] for p in t["last_pseudo_labels"]] == [p["case"] for p in run["pseudo_labels"]]
+    flagged = [c for c, d in sig.items() if d["loss"] >= 2.0]
+    assert sorted(x["case"] for x in t["suspect_final_labels"]) == sorted(flagged)
 
     # review: the most suspect final label first, then the next one to another annotator, never the same
     order = sorted(FINALS, key=lambda c: (-sig[c]["loss"], c))
@@ -154,14 +165,21 @@ def test_saving_final_labels_adds_real_pairs_and_changes_calibration(server, cli
     assert q["corrections"]["calibration"]["applied"] == applied and q["corrections"]["cases"] >= 2
 
 
-def test_refurbishment_trains_on_predictions_and_never_touches_final_labels(server, client, store, studies):
+def test_refurbishment_trains_on_predictions_and_never_touches_final_labels(server, client, store, studies, tmp_path):
     finals = {c: os.path.join(studies, "labels", "final", f"{c}.nii.gz") for c in FINALS + ["case_003", "case_004"]}
     md5 = {c: _md5(p) for c, p in finals.items()}
+    # An annotator reviews one flagged label and saves it again as it was: it is their word now.
+    import shutil
+
+    same = str(tmp_path / "reviewed.nii.gz")
+    shutil.copyfile(finals[FINALS[0]], same)
+    client.save_label(FINALS[0], same, tag="final")
     _train(client, server, max_epochs=1, pseudo_labels="none", refurbish=True, suspect_threshold=-1e9,
            signal_checkpoints=2)
     run = store.get_setting("training_runs")[-1]
-    # the previous run's signals cover the 3 older finals: all flagged at this threshold, all refurbished
-    assert sorted(r["case"] for r in run["refurbished"]) == FINALS
+    # the previous run's signals cover the 3 older finals: all flagged at this threshold; the reviewed one is
+    # trained on as saved, the other two are refurbished
+    assert sorted(r["case"] for r in run["refurbished"]) == FINALS[1:]
     for r in run["refurbished"]:
         assert os.path.isfile(r["refurbished"]) and "/labels/refurbished/" in r["refurbished"]
         assert r["final"] == finals[r["case"]]

@@ -14,6 +14,19 @@ from fastapi import APIRouter, Body, HTTPException, Request
 logger = logging.getLogger(__name__)
 
 
+def training_payload(store) -> dict:
+    """The last training run (which pseudo-labels it used and why, what it refurbished) and the final labels its
+    signals flag, most suspect first (loss z-score >= 2, the review strategy's default)."""
+    from labelsentinel.strategies.label_errors import suspects
+
+    runs = store.get_setting("training_runs", []) or []
+    signals = store.signals()
+    flagged = suspects(signals, "loss", 2.0) if signals else []
+    return {"runs": len(runs), "last": runs[-1] if runs else None,
+            "suspects": [{"case": c, "loss_z": round(z, 2), "vog_z": round(float(signals[c].get("vog", 0.0)), 2)}
+                         for c, z in flagged]}
+
+
 def register_routes(app_instance) -> None:
     try:
         from monailabel.app import app as fastapi_app
@@ -62,6 +75,8 @@ def register_routes(app_instance) -> None:
             "records": [{**r, "has_final": r["image_id"] in labeled} for r in rows],
             "leases": store.leases(),
             "corrections": corrections,
+            "label_names": {str(k): v for k, v in app_instance.structure_names().items()},
+            "training": training_payload(store),
         }
 
     @router.get("/quality")

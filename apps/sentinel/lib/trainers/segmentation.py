@@ -275,11 +275,25 @@ class Segmentation(BasicTrainTask):
         return good
 
     def _refurbish(self, request, datastore, finals: list[dict]) -> list[dict]:
-        """Swap flagged final labels (previous run's signals) for the current model's prediction."""
+        """Swap flagged final labels (previous run's signals) for the current model's prediction. A final label
+        saved again since those signals (an annotator reviewed it, as the review strategy counts it) is the
+        annotator's word and is trained on as it is."""
+        from labelsentinel.store import file_stamp
+
         store = self.sentinel["store"]()
         signals = store.signals()
         by = _opt(request, "refurbish_signal", "vog")
-        flagged = dict(suspects(signals, by, _opt(request, "suspect_threshold", 3.0)))
+        reviewed = set()
+        for d in finals:
+            rec = signals.get(d["case"])
+            try:
+                if rec is not None and file_stamp(d["label"]) != rec.get("label_stamp"):
+                    reviewed.add(d["case"])
+            except OSError:
+                reviewed.add(d["case"])
+        if reviewed:
+            logger.info(f"refurbishment leaves {len(reviewed)} final label(s) saved again since the signals: {sorted(reviewed)}")
+        flagged = dict(suspects(signals, by, _opt(request, "suspect_threshold", 3.0), exclude=reviewed))
         infer = self.sentinel.get("infer")
         done = []
         for d in finals:
