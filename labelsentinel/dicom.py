@@ -325,25 +325,43 @@ def read_seg(path: str) -> SegVolume:
     return SegVolume(res.image, segments, ref, str(dcm.get("StudyInstanceUID", "") or ""))
 
 
+def segment_ids(segments: dict[int, str], label_names: dict[int, str]) -> tuple[dict[int, int], list[str]]:
+    """({segment number: label id}, [segments that map to no id]) by the rules of :func:`seg_to_label`."""
+    import re
+
+    def norm(n) -> str:
+        return re.sub(r"[\s_\-]+", "", str(n).lower())
+
+    by_name = {norm(v): int(k) for k, v in label_names.items()}
+    mapping, bad = {}, []
+    for num, name in sorted(segments.items()):
+        n = norm(name or "")
+        m = re.fullmatch(r"(label|segment)?(\d*)", n)
+        if m is None and n in by_name:
+            mapping[num] = by_name[n]
+        elif m is not None and m.group(1) != "segment" and m.group(2) and int(m.group(2)) in label_names:
+            mapping[num] = int(m.group(2))  # "52", "label_52": the label id itself
+        elif m is not None and int(num) in label_names:
+            mapping[num] = int(num)  # no name of its own: its segment number
+        else:
+            bad.append(f"segment {num} ({name or 'no label'})")
+    return mapping, bad
+
+
 def seg_to_label(seg: SegVolume, reference_image: str, label_names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, dict]:
     """Resample a SEG onto a reference image (NIfTI) and map its segments to label ids.
 
-    A segment maps to the id whose name equals its SegmentLabel (case-insensitive), else to its segment number
-    when that number is an id of ``label_names``; any other segment is an error naming it.
+    A segment maps to the id whose name equals its SegmentLabel (ignoring case, spaces, hyphens and
+    underscores: "Kidney right" is kidney_right); a segment named after an id ("52", "label_52", as the app
+    names ids it has no name for) maps to that id; a segment without a name of its own (empty or "Segment N")
+    maps to its segment number when that number is an id of ``label_names``. Any other segment
+    (a name the label names do not know) is an error naming it: its number may mean another structure.
     Returns (label array in the reference's voxel order, the reference's affine, {segment number: label id}).
     """
     import nibabel as nib
     import SimpleITK as sitk
 
-    by_name = {str(v).lower(): int(k) for k, v in label_names.items()}
-    mapping, bad = {}, []
-    for num, name in sorted(seg.segments.items()):
-        if name.lower() in by_name:
-            mapping[num] = by_name[name.lower()]
-        elif int(num) in label_names:
-            mapping[num] = int(num)
-        else:
-            bad.append(f"segment {num} ({name or 'no label'})")
+    mapping, bad = segment_ids(seg.segments, label_names)
     if bad:
         raise DicomError(f"SEG of series {seg.referenced_series}: {', '.join(bad)} not in the label names "
                          f"(known ids {min(label_names)}..{max(label_names)}, {len(label_names)} names); "

@@ -87,3 +87,14 @@ def test_save_nifti_is_deterministic(tmp_path):
     os.utime(a, (0, 0))
     save_nifti(b, arr, np.eye(4))
     assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_seg_segments_map_by_name_then_by_id_like_names_and_never_a_foreign_name_by_number():
+    from labelsentinel.dicom import segment_ids
+
+    names = {1: "spleen", 2: "kidney_right", 5: "liver", 52: "aorta", 99: "urinary_bladder"}
+    mapping, bad = segment_ids({1: "Liver", 2: "Kidney right", 3: "label_52", 4: "Segment 1", 5: "", 6: "99"}, names)
+    assert mapping == {1: 5, 2: 2, 3: 52, 5: 5, 6: 99}
+    assert bad == ["segment 4 (Segment 1)"]  # no name of its own, and its number 4 is no id
+    mapping, bad = segment_ids({99: "mystery_organ"}, names)  # its number is an id of another structure
+    assert mapping == {} and bad == ["segment 99 (mystery_organ)"]
