@@ -274,8 +274,8 @@ class BudgetStrategy(Strategy):
     ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. A
     planned case counts as used while it is out with an annotator (its lease runs) and once it has a final
     label; a case an annotator let go without saving (asked for another, or the lease expired) goes back to
-    the plan, for anyone. Serving
-    never writes the plan, so it cannot undo a lead's new budget set at the same moment.
+    the plan, for anyone. Serving never writes the plan, so it cannot undo a lead's new budget set at the same
+    moment.
     """
 
     def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
