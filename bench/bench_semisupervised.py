@@ -229,6 +229,7 @@ def finetuned_mae(est, data, cases, pick, prior, out, seed, **kw):
 
 def part_calibration(args):
     ft_draws = int(getattr(args, "finetune_draws", FT_DRAWS))
+    ft_at = {int(x) for x in str(getattr(args, "finetune_at", "10,20")).split(",") if x.strip()}
     import tempfile
 
     from labelsentinel.models.estimator import QualityEstimator
@@ -271,7 +272,7 @@ def part_calibration(args):
                 forced.append((f"{k} corrected cases, map and offsets applied without the check (before it existed)",
                                float(np.mean([r[0] for r in res])), float(np.std([r[0] for r in res])), float("nan"),
                                "10 of 10 (forced)"))
-            if k < 10 or not ft_draws:
+            if k not in ft_at or not ft_draws:
                 continue
             maes, covers, acc, app = [], [], 0, 0
             for draw in range(ft_draws):
@@ -485,6 +486,8 @@ def main():
     ap.add_argument("--finetune-draws", type=int, default=FT_DRAWS,
                     help=f"fine-tuning draws per row of the calibration part (default {FT_DRAWS}; 0: recalibration "
                          "rows only, in minutes instead of about an hour, written to their own section)")
+    ap.add_argument("--finetune-at", default="10,20",
+                    help="numbers of corrected cases with fine-tuning rows (default 10,20; another set writes its own section)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     parts = args.part or ["calibration", "label_errors", "semi"]
@@ -496,10 +499,12 @@ def main():
         md += f"\n\n_{p}: {time.time() - t0:.0f} s on this machine._"
         print(md, flush=True)
         quick = p == "calibration" and args.finetune_draws == 0
-        update_section(f"semisupervised-{p}" + ("-nofinetune" if quick else ""),
+        partial = p == "calibration" and not quick and args.finetune_at != "10,20"
+        suffix = "-nofinetune" if quick else (f"-finetune-at-{args.finetune_at.replace(',', '-')}" if partial else "")
+        update_section(f"semisupervised-{p}{suffix}",
                        f"## Issue 5: {p} (`python bench/bench_semisupervised.py --part {p} --iters {args.iters}"
                        + (f" --seeds {args.seeds}" if p == "semi" else "") + (" --finetune-draws 0" if quick else "")
-                       + "`)\n\n" + md)
+                       + (f" --finetune-at {args.finetune_at}" if partial else "") + "`)\n\n" + md)
 
 
 if __name__ == "__main__":
