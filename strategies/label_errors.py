@@ -200,6 +200,22 @@ def suspects(signals: dict[str, dict], by: str = "loss", min_score: float | None
     return sorted(rows, key=lambda r: (-r[1], r[0]))
 
 
+def reviewed_since(signals: dict[str, dict], final_labels: dict[str, str | None]) -> set[str]:
+    """Samples whose final label was saved again (or is gone) since the signals were taken: an annotator looked
+    at it, so it is no longer a suspect. ``final_labels``: sample -> path of its final label now (None: none)."""
+    from labelsentinel.store import file_stamp
+
+    out = set()
+    for s, rec in signals.items():
+        path = final_labels.get(s)
+        try:
+            if path is None or file_stamp(path) != rec.get("label_stamp"):
+                out.add(s)
+        except OSError:
+            out.add(s)
+    return out
+
+
 def auroc(scores, is_error) -> float:
     """Area under the ROC curve (Mann-Whitney), ties counted half."""
     s = np.asarray(scores, float)

@@ -18,9 +18,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from labelsentinel.store import Store, file_stamp
+from labelsentinel.store import Store
 from labelsentinel.strategies.corrections import calibrate_records, collect_corrections, load_calibration, recalibrate
-from labelsentinel.strategies.label_errors import suspects
+from labelsentinel.strategies.label_errors import reviewed_since, suspects
 from labelsentinel.strategies.budget import CostModel, plan_budget
 from labelsentinel.strategies.ranking import METHODS, aggregate, rank_cases
 from labelsentinel.strategies.scoring import LabelItem, score_labels
@@ -378,17 +378,12 @@ class ReviewStrategy(Strategy):
         signals = store.signals()
         if not signals:
             return {"reason": "no label-error signals yet: they are written by a training run on final labels"}
-        reviewed = set()
-        for cid, rec in signals.items():
-            labels = datastore.get_labels_by_image_id(cid) if cid in set(datastore.list_images()) else {}
-            if FINAL not in labels:
-                reviewed.add(cid)
-                continue
-            try:
-                if file_stamp(datastore.get_label_uri(labels[FINAL], FINAL)) != rec.get("label_stamp"):
-                    reviewed.add(cid)
-            except OSError:
-                reviewed.add(cid)
+        images = set(datastore.list_images())
+        finals = {}
+        for cid in signals:
+            labels = datastore.get_labels_by_image_id(cid) if cid in images else {}
+            finals[cid] = datastore.get_label_uri(labels[FINAL], FINAL) if FINAL in labels else None
+        reviewed = reviewed_since(signals, finals)
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
         ranked = suspects(signals, by, min_score, exclude=reviewed | busy)

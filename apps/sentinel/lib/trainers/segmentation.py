@@ -40,7 +40,7 @@ from lib.infers.segmentation import HU_WINDOW, header_shape
 from lib.transforms import LabelIdsToChannelsd
 from labelsentinel.io import VolumeError
 from labelsentinel.strategies.corrections import load_calibration
-from labelsentinel.strategies.label_errors import LabelErrorSignals, suspects
+from labelsentinel.strategies.label_errors import LabelErrorSignals, reviewed_since, suspects
 from labelsentinel.strategies.pseudolabels import DEFAULTS as PSEUDO, RULES, select_pseudo_labels
 
 logger = logging.getLogger(__name__)
@@ -278,19 +278,10 @@ class Segmentation(BasicTrainTask):
         """Swap flagged final labels (previous run's signals) for the current model's prediction. A final label
         saved again since those signals (an annotator reviewed it, as the review strategy counts it) is the
         annotator's word and is trained on as it is."""
-        from labelsentinel.store import file_stamp
-
         store = self.sentinel["store"]()
         signals = store.signals()
         by = _opt(request, "refurbish_signal", "vog")
-        reviewed = set()
-        for d in finals:
-            rec = signals.get(d["case"])
-            try:
-                if rec is not None and file_stamp(d["label"]) != rec.get("label_stamp"):
-                    reviewed.add(d["case"])
-            except OSError:
-                reviewed.add(d["case"])
+        reviewed = reviewed_since(signals, {d["case"]: d["label"] for d in finals})
         if reviewed:
             logger.info(f"refurbishment leaves {len(reviewed)} final label(s) saved again since the signals: {sorted(reviewed)}")
         flagged = dict(suspects(signals, by, _opt(request, "suspect_threshold", 3.0), exclude=reviewed))
