@@ -105,7 +105,7 @@ def _stack(est, rows):
 
 def finetune(corrections: list[Correction], out: str, weights: str | None = None, epochs: int = 60,
              lr: float = 1e-3, synthetic: int = 4, real_weight: float = 3.0, val_fraction: float = 0.25,
-             seed: int = 0, progress=None, min_gain: float = MIN_GAIN, partial: int = 8) -> dict:
+             seed: int = 0, progress=None, min_gain: float = MIN_GAIN, partial: int = 8, on_epoch=None) -> dict:
     """Fine-tune; write ``out`` only if it beats the current weights on held-out corrected cases by at least
     ``min_gain`` MAE (a smaller difference on a few held-out cases is noise: even a run at learning rate 0
     moves the batch-norm statistics).
@@ -167,6 +167,8 @@ def finetune(corrections: list[Correction], out: str, weights: str | None = None
                 opt.step()
             m = mae(net)
             log(f"fine-tune epoch {ep}/{epochs}: held-out real MAE {m:.4f} (current weights {before:.4f})")
+            if on_epoch:  # for studies: the network after each epoch (in eval mode) and its held-out MAE
+                on_epoch(ep, net, m, before)
             if m < best:
                 best, best_state = m, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     # every case these weights were trained on (this run's and those of the fine-tunings they start from): the

@@ -143,9 +143,26 @@ def test_save_final_label_and_read_datastore(client, server):
     assert stats["label_tags"]["final"] >= 5
 
 
+def test_bad_training_options_are_refused_before_a_run(server):
+    bad = {"pseudo_labels": "bogus", "max_epochs": 0, "lr": "fast", "refurbish": "maybe", "pseudo_alpha": 2}
+    for run_sync in ("true", "false"):
+        r = requests.post(f"{server.url}/train/segmentation?run_sync={run_sync}", json=bad, timeout=30)
+        assert r.status_code == 422, (r.status_code, r.text)
+        detail = r.json()["detail"]
+        for words in ("pseudo_labels must be one of lower_bound, threshold, topk, none; got 'bogus'",
+                      "max_epochs must be >= 1", "lr must be a finite number", "refurbish must be true or false",
+                      "pseudo_alpha must be > 0 and <= 0.5"):
+            assert words in detail, detail
+    r = requests.post(f"{server.url}/train/nosuchmodel", json={}, timeout=30)
+    assert r.status_code == 404 and "segmentation" in r.json()["detail"], r.text
+    st = requests.get(f"{server.url}/train/", timeout=10)  # nothing was queued
+    assert st.status_code == 404 or st.json().get("status") in (None, "DONE", "ERROR"), st.text
+
+
 def test_training_runs_and_skips_a_mismatched_label(client, server):
-    # the trainer's default options (no "tracking" given: MONAI Label's MLflow default failed with mlflow 3)
-    client.train_start("segmentation", {"max_epochs": 1, "val_split": 0.0, "dataset": "Dataset"})
+    # the trainer's default options (no "tracking" given: MONAI Label's MLflow default failed with mlflow 3);
+    # max_epochs as a panel sends it, a string
+    client.train_start("segmentation", {"max_epochs": "1", "val_split": "0", "dataset": "Dataset"})
     t_end = time.time() + 600
     while time.time() < t_end:
         st = client.train_status()

@@ -115,6 +115,7 @@ def register_routes(app_instance) -> None:
     fastapi_app.include_router(router)
     register_ohif_route(fastapi_app)
     register_activelearning_route(fastapi_app)
+    register_train_route(fastapi_app)
     logger.info("Label Sentinel REST routes: /labelsentinel/quality, /labelsentinel/budget, /labelsentinel/demographics")
 
 
@@ -274,5 +275,44 @@ def register_activelearning_route(fastapi_app) -> None:
                               name="labelsentinel_activelearning")
     routes = fastapi_app.router.routes
     ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_activelearning")
+    routes.remove(ours)
+    routes.insert(0, ours)
+
+
+def register_train_route(fastapi_app) -> None:
+    """``POST /train/{model}`` as MONAI Label answers it, but the options are checked before a run is queued: a
+    bad value (``pseudo_labels=bogus``, ``max_epochs=0``, ``lr=-1``) answers HTTP 422 naming every bad option,
+    an unknown model 404, and a synchronous run that stops on bad input (no usable final labels) 422 with the
+    reason, where MONAI Label answers a bare 500 or queues a run that fails later."""
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.train import run_model
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    if any(getattr(r, "name", "") == "labelsentinel_train" for r in fastapi_app.router.routes):
+        return
+
+    def train(model: str, params: dict | None = Body(None), run_sync: bool = False, enqueue: bool = False,
+              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        from monailabel.interfaces.utils.app import app_instance
+
+        trainers = getattr(app_instance(), "_trainers", None) or {}
+        if trainers and model not in trainers:
+            raise HTTPException(status_code=404, detail=f"no trainer {model!r}; this server has: {', '.join(trainers)}")
+        task = trainers.get(model)
+        if task is not None and hasattr(task, "check_options"):
+            try:
+                task.check_options(dict(params or {}))
+            except ValueError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from e
+        try:
+            return run_model(model, params, run_sync, enqueue)
+        except ValueError as e:  # a synchronous run refused its input
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+    fastapi_app.add_api_route("/train/{model}", train, methods=["POST"], include_in_schema=False,
+                              name="labelsentinel_train")
+    routes = fastapi_app.router.routes
+    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_train")
     routes.remove(ours)
     routes.insert(0, ours)

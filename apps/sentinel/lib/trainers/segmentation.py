@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -74,7 +75,56 @@ def _opt(request: dict, key: str, default):
         return default
     if isinstance(default, bool):
         return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(float(v))  # "5" and "5.0" from a panel (checked as whole numbers by option_problems)
     return type(default)(v) if default is not None else v
+
+
+# Training options checked before a run starts (name: kind, lowest, highest; "int"/"float" bounds inclusive,
+# "float>" excludes the lowest). OHIF and Slicer send strings: "5" and "0.5" are read as numbers.
+NUMBERS = {
+    "max_epochs": ("int", 1, 100000), "early_stop_patience": ("int", -1, None), "val_split": ("float", 0.0, 0.9),
+    "train_batch_size": ("int", 1, 1024), "val_batch_size": ("int", 1, 1024), "lr": ("float>", 0.0, 1.0),
+    "pseudo_threshold": ("float", 0.0, 1.0), "pseudo_topk": ("int", 0, None), "pseudo_alpha": ("float>", 0.0, 0.5),
+    "signal_checkpoints": ("int", 2, 100), "suspect_threshold": ("float", None, None),
+}
+FLAGS = ("pretrained", "multi_gpu", "pseudo_weighting", "label_errors", "refurbish")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def option_problems(config: dict, request: dict) -> list[str]:
+    """What is wrong with the training options of ``request`` (a list of sentences; empty when all is well).
+    Checked: the numbers of ``NUMBERS``, the on/off options of ``FLAGS`` and every option whose configured value
+    is a list of choices (``pseudo_labels``, ``refurbish_signal``, ``tracking``, ...). Other keys pass."""
+    out = []
+    for key, raw in request.items():
+        v = raw[0] if isinstance(raw, list) and raw else raw
+        if v in (None, "", []):
+            continue
+        if key in NUMBERS:
+            kind, lo, hi = NUMBERS[key]
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                x = float(v)
+                if not math.isfinite(x) or (kind == "int" and x != int(x)):
+                    raise ValueError
+            except (TypeError, ValueError):
+                out.append(f"option {key} must be {'a whole number' if kind == 'int' else 'a finite number'}, got {raw!r}")
+                continue
+            bad_lo = lo is not None and (x <= lo if kind == "float>" else x < lo)
+            if bad_lo or (hi is not None and x > hi):
+                rng = " and ".join(([f"{'>' if kind == 'float>' else '>='} {lo:g}"] if lo is not None else [])
+                                   + ([f"<= {hi:g}"] if hi is not None else []))
+                out.append(f"option {key} must be {rng}, got {raw!r}")
+        elif key in FLAGS:
+            if not isinstance(v, bool) and str(v).strip().lower() not in _TRUE + _FALSE:
+                out.append(f"option {key} must be true or false, got {raw!r}")
+        elif key != "device" and isinstance(config.get(key), list) and config[key] \
+                and all(isinstance(c, str) for c in config[key]):
+            if not isinstance(v, str) or v not in config[key]:
+                out.append(f"option {key} must be one of {', '.join(config[key])}; got {raw!r}")
+    return out
 
 
 class WeightedDiceCELoss(DiceCELoss):
@@ -210,7 +260,23 @@ class Segmentation(BasicTrainTask):
         return iteration
 
     # ---- data ------------------------------------------------------------------------------------------
+    def check_options(self, request: dict) -> None:
+        """ValueError naming every bad training option (the server answers it with HTTP 422 before a run starts;
+        a run started another way fails with the same message)."""
+        problems = option_problems(self._config, request)
+        if problems:
+            raise ValueError("; ".join(problems))
+        # the checked values as their types, in place (MONAI Label's trainer reads max_epochs etc. as they come,
+        # and a panel sends "5")
+        for key in list(request):
+            v = request[key]
+            if key in NUMBERS and v not in (None, "") and not isinstance(v, list):
+                request[key] = int(float(v)) if NUMBERS[key][0] == "int" else float(v)
+            elif key in FLAGS and isinstance(v, str) and v.strip():
+                request[key] = v.strip().lower() in _TRUE
+
     def pre_process(self, request, datastore):
+        self.check_options(request)
         good, refused = check_pairs(datastore.datalist())
         report = os.path.join(self._model_dir, "train_refused.json")
         os.makedirs(self._model_dir, exist_ok=True)
