@@ -271,6 +271,9 @@ def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
     assert sorted(res["trained_cases"] + res["val_cases"]) == ["c0", "c1", "c2", "c3"] and res["val_cases"]
     # measured with the shipped weights (lr 2e-4 then): held-out real MAE 0.093 -> 0.047 after 3 epochs
     assert res["accepted"] and res["mae_after"] < res["mae_before"] and os.path.isfile(out)
+    # two candidates by default, every layer and the layers after the CNN; the better held-out one is judged
+    assert set(res["candidates"]) == {"all", "head"} and res["mae_after"] == min(res["candidates"].values())
+    assert res["candidates"][res["part"]] == res["mae_after"]
     assert QualityEstimator.load(out).version == res["version"] != weights_version()
     # the same corrections give the same weights, whatever the process did before (dropout draws are seeded)
     import torch
@@ -285,6 +288,19 @@ def test_finetune_on_real_corrections_is_kept_only_when_it_helps(tmp_path):
     assert not res2["accepted"] and res2["weights"] is None and not os.path.exists(tmp_path / "ft2.pt")
     with pytest.raises(ValueError):
         finetune(corr[:1], out)
+    with pytest.raises(ValueError, match="part must be"):
+        finetune(corr, out, part="cnn")
+    # a gain below the relative margin is not enough: the current weights stay
+    res3 = finetune(corr, str(tmp_path / "ft4.pt"), epochs=3, synthetic=1, val_fraction=0.25, part="head",
+                    min_rel_gain=0.99)
+    assert res3["mae_after"] < res3["mae_before"] and not res3["accepted"] and res3["weights"] is None
+    # "head" trains only the layers after the CNN: the CNN's weights and batch statistics are those it had
+    res4 = finetune(corr, str(tmp_path / "ft5.pt"), epochs=3, synthetic=1, val_fraction=0.25, part="head")
+    assert res4["accepted"] and res4["part"] == "head" and set(res4["candidates"]) == {"head"}
+    base = QualityEstimator.load().net.state_dict()
+    tuned = torch.load(res4["weights"], map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(tuned[k].float(), base[k].float()) for k in base if k.startswith("cnn."))
+    assert any(not torch.equal(tuned[k].float(), base[k].float()) for k in base if k.startswith("head."))
 
 
 def test_partial_corrections_keep_the_source_errors_in_blobs():
