@@ -274,7 +274,7 @@ def part_calibration(args):
                                "10 of 10 (forced)"))
             if k not in ft_at or not ft_draws:
                 continue
-            maes, covers, acc, app = [], [], 0, 0
+            maes, covers, acc, app, parts = [], [], 0, 0, []
             for draw in range(ft_draws):
                 pick = np.random.default_rng([draw, k]).choice(20, k, replace=False)
                 t1 = time.time()
@@ -282,12 +282,17 @@ def part_calibration(args):
                                                    os.path.join(tmp, f"ft_{key}_{k}_{draw}.pt"), seed=draw)
                 acc += bool(out["accepted"])
                 app += applied
+                if out["accepted"]:
+                    parts.append(out.get("part", "all"))
                 maes.append(m)
                 covers.append(c)
-                print(f"  calibration ({key}): fine-tuned on {k} cases, draw {draw}: accepted {out['accepted']}, "
+                print(f"  calibration ({key}): fine-tuned on {k} cases, draw {draw}: accepted {out['accepted']} "
+                      f"({out.get('part')}: held-out {out.get('candidates')} against {out['mae_before']}), "
                       f"MAE {m:.3f} ({time.time() - t1:.0f} s)", flush=True)
             ft_rows[k] = float(np.mean(maes))
-            rows.append((f"{k} corrected cases, fine-tuning + recalibration (accepted {acc} of {ft_draws})",
+            kept = ", ".join(f"{n} {parts.count(n)}" for n in ("all", "head", "frozen_bn") if parts.count(n))
+            rows.append((f"{k} corrected cases, fine-tuning + recalibration (accepted {acc} of {ft_draws}"
+                         + (f"; layers trained: {kept}" if kept else "") + ")",
                          float(np.mean(maes)), float(np.std(maes)), float(np.mean(covers)), f"{app} of {ft_draws}"))
         md += [f"**Source `{key}`**: {desc}; mean true Dice {test[:, 1].mean():.3f}, mean raw prediction "
                f"{test[:, 0].mean():.3f}.", "",
