@@ -232,14 +232,8 @@ def register_ohif_route(fastapi_app) -> None:
                 response.headers.append("set-cookie", f"{SERVER_COOKIE}={quote(here, safe='')}; Path=/ohif; SameSite=Lax")
         return response
 
-    fastapi_app.add_api_route("/ohif/{path:path}", ohif_file, methods=["GET"], include_in_schema=False,
-                              name="labelsentinel_ohif")
-    # First in the list: it matches only /ohif/..., and MONAI Label's route sits inside an included router
-    # (FastAPI keeps included routers as one entry), so "just before it" is not addressable.
-    routes = fastapi_app.router.routes
-    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_ohif")
-    routes.remove(ours)
-    routes.insert(0, ours)
+    # first in the list: it matches only /ohif/...
+    _add_route_first(fastapi_app, "/ohif/{path:path}", ohif_file, "labelsentinel_ohif", ["GET"])
 
 
 def register_activelearning_route(fastapi_app) -> None:
@@ -271,12 +265,7 @@ def register_activelearning_route(fastapi_app) -> None:
         except ValueError as e:  # a bad option value: say which, instead of a bare 500
             raise HTTPException(status_code=422, detail=str(e)) from e
 
-    fastapi_app.add_api_route("/activelearning/{strategy}", next_sample, methods=["POST"], include_in_schema=False,
-                              name="labelsentinel_activelearning")
-    routes = fastapi_app.router.routes
-    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_activelearning")
-    routes.remove(ours)
-    routes.insert(0, ours)
+    _add_route_first(fastapi_app, "/activelearning/{strategy}", next_sample, "labelsentinel_activelearning", ["POST"])
 
 
 def register_train_route(fastapi_app) -> None:
@@ -310,9 +299,14 @@ def register_train_route(fastapi_app) -> None:
         except ValueError as e:  # a synchronous run refused its input
             raise HTTPException(status_code=422, detail=str(e)) from e
 
-    fastapi_app.add_api_route("/train/{model}", train, methods=["POST"], include_in_schema=False,
-                              name="labelsentinel_train")
+    _add_route_first(fastapi_app, "/train/{model}", train, "labelsentinel_train", ["POST"])
+
+
+def _add_route_first(fastapi_app, path: str, endpoint, name: str, methods: list[str]) -> None:
+    """Add a route in front of every other: MONAI Label's own routes sit inside included routers (FastAPI keeps
+    an included router as one entry), so ours must come first to answer its path."""
+    fastapi_app.add_api_route(path, endpoint, methods=methods, include_in_schema=False, name=name)
     routes = fastapi_app.router.routes
-    ours = next(r for r in routes if getattr(r, "name", "") == "labelsentinel_train")
+    ours = next(r for r in routes if getattr(r, "name", "") == name)
     routes.remove(ours)
     routes.insert(0, ours)
