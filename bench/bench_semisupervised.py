@@ -290,7 +290,7 @@ def part_calibration(args):
                       f"({out.get('part')}: held-out {out.get('candidates')} against {out['mae_before']}), "
                       f"MAE {m:.3f} ({time.time() - t1:.0f} s)", flush=True)
             ft_rows[k] = float(np.mean(maes))
-            kept = ", ".join(f"{n} {parts.count(n)}" for n in ("all", "head", "frozen_bn") if parts.count(n))
+            kept = ", ".join(f"{n} {parts.count(n)}" for n in ("all", "head") if parts.count(n))
             rows.append((f"{k} corrected cases, fine-tuning + recalibration (accepted {acc} of {ft_draws}"
                          + (f"; layers trained: {kept}" if kept else "") + ")",
                          float(np.mean(maes)), float(np.std(maes)), float(np.mean(covers)), f"{app} of {ft_draws}"))

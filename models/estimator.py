@@ -338,7 +338,12 @@ class EstimatorNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * hidden + emb_proj, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, crop, feats, emb):
-        h = torch.cat([F.relu(self.cnn(crop)), self.feat(feats), self.name(emb)], dim=1)
+        return self.from_code(self.cnn(crop), feats, emb)
+
+    def from_code(self, code, feats, emb):
+        """The layers after the CNN, from its output ``code`` (fine-tuning of those layers alone works out the
+        codes once)."""
+        h = torch.cat([F.relu(code), self.feat(feats), self.name(emb)], dim=1)
         return torch.sigmoid(self.head(h)).squeeze(1)
 
 

@@ -36,10 +36,9 @@ MIN_GAIN = 0.005
 # ... and as a fraction of the current weights' held-out MAE: with the best of 60 epochs picked on the same few
 # held-out cases, a gain of a few percent is what chance gives (BENCHMARKS.md, fine-tuning acceptance)
 MIN_REL_GAIN = 0.15
-# what fine-tuning trains: every layer; every layer but with the batch-norm statistics of the synthetic training;
-# only the layers after the CNN (its codes are kept). "auto" (the default) trains "all" and "head" and keeps the
-# one with the lower held-out MAE.
-PARTS = ("all", "frozen_bn", "head")
+# what fine-tuning trains: every layer, or only the layers after the CNN (its codes are kept). "auto" (the
+# default) trains both and judges the one with the lower held-out MAE.
+PARTS = ("all", "head")
 
 
 @dataclass
@@ -121,10 +120,7 @@ def _held_out_mae(model, V, device, head_only=False) -> float:
 
 def _forward(model, crop, feats, emb, head_only=False):
     """The estimator's forward pass; with ``head_only``, ``crop`` holds the CNN's codes already worked out."""
-    if not head_only:
-        return model(crop, feats, emb)
-    h = torch.cat([torch.relu(crop), model.feat(feats), model.name(emb)], dim=1)
-    return torch.sigmoid(model.head(h)).squeeze(1)
+    return model.from_code(crop, feats, emb) if head_only else model(crop, feats, emb)
 
 
 def _train(est, part, X, w, V, epochs, lr, seed, log, before, on_epoch=None):
@@ -146,15 +142,6 @@ def _train(est, part, X, w, V, epochs, lr, seed, log, before, on_epoch=None):
         X = (codes[0], *X[1:])
         V = (codes[1], *V[1:])
 
-    def set_train(model):
-        model.train()
-        if head_only:
-            model.cnn.eval()
-        elif part == "frozen_bn":  # batch statistics stay those of the synthetic training
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-
     n = len(X[3])
     opt = torch.optim.AdamW([p_ for p_ in net.parameters() if p_.requires_grad], lr=lr, weight_decay=1e-4)
     best, best_state = _held_out_mae(net, V, est.device, head_only), None
@@ -164,7 +151,9 @@ def _train(est, part, X, w, V, epochs, lr, seed, log, before, on_epoch=None):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         for ep in range(1, epochs + 1):
-            set_train(net)
+            net.train()
+            if head_only:
+                net.cnn.eval()
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, 32):
                 j = perm[i : i + 32]

@@ -64,6 +64,9 @@ def check_pairs(datalist: list[dict]) -> tuple[list[dict], list[dict]]:
     return good, refused
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _opt(request: dict, key: str, default):
     """A request option as the type of its default (OHIF/Slicer send strings; a list means its first item)."""
     if isinstance(default, list):  # a config choice list: its first item is the default
@@ -74,9 +77,9 @@ def _opt(request: dict, key: str, default):
     if v in (None, ""):
         return default
     if isinstance(default, bool):
-        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+        return v if isinstance(v, bool) else str(v).strip().lower() in _TRUE
     if isinstance(default, int):
-        return int(float(v))  # "5" and "5.0" from a panel (checked as whole numbers by option_problems)
+        return int(float(v))  # "5" and "5.0" from a panel (checked as whole numbers by checked_options)
     return type(default)(v) if default is not None else v
 
 
@@ -89,14 +92,14 @@ NUMBERS = {
     "signal_checkpoints": ("int", 2, 100), "suspect_threshold": ("float", None, None),
 }
 FLAGS = ("pretrained", "multi_gpu", "pseudo_weighting", "label_errors", "refurbish")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def option_problems(config: dict, request: dict) -> list[str]:
-    """What is wrong with the training options of ``request`` (a list of sentences; empty when all is well).
-    Checked: the numbers of ``NUMBERS``, the on/off options of ``FLAGS`` and every option whose configured value
-    is a list of choices (``pseudo_labels``, ``refurbish_signal``, ``tracking``, ...). Other keys pass."""
-    out = []
+def checked_options(config: dict, request: dict) -> tuple[dict, list[str]]:
+    """The training options of ``request`` read as their types (the numbers of ``NUMBERS`` and the on/off
+    options of ``FLAGS``), and what is wrong with them (sentences; empty when all is well). Checked too: every
+    option whose configured value is a list of choices (``pseudo_labels``, ``refurbish_signal``, ``tracking``,
+    ...). Other keys pass as they are."""
+    values, out = {}, []
     for key, raw in request.items():
         v = raw[0] if isinstance(raw, list) and raw else raw
         if v in (None, "", []):
@@ -117,14 +120,18 @@ def option_problems(config: dict, request: dict) -> list[str]:
                 rng = " and ".join(([f"{'>' if kind == 'float>' else '>='} {lo:g}"] if lo is not None else [])
                                    + ([f"<= {hi:g}"] if hi is not None else []))
                 out.append(f"option {key} must be {rng}, got {raw!r}")
+            elif not isinstance(raw, list):
+                values[key] = int(x) if kind == "int" else x
         elif key in FLAGS:
             if not isinstance(v, bool) and str(v).strip().lower() not in _TRUE + _FALSE:
                 out.append(f"option {key} must be true or false, got {raw!r}")
+            elif not isinstance(raw, list):
+                values[key] = v if isinstance(v, bool) else str(v).strip().lower() in _TRUE
         elif key != "device" and isinstance(config.get(key), list) and config[key] \
                 and all(isinstance(c, str) for c in config[key]):
             if not isinstance(v, str) or v not in config[key]:
                 out.append(f"option {key} must be one of {', '.join(config[key])}; got {raw!r}")
-    return out
+    return values, out
 
 
 class WeightedDiceCELoss(DiceCELoss):
@@ -263,17 +270,12 @@ class Segmentation(BasicTrainTask):
     def check_options(self, request: dict) -> None:
         """ValueError naming every bad training option (the server answers it with HTTP 422 before a run starts;
         a run started another way fails with the same message)."""
-        problems = option_problems(self._config, request)
+        values, problems = checked_options(self._config, request)
         if problems:
             raise ValueError("; ".join(problems))
         # the checked values as their types, in place (MONAI Label's trainer reads max_epochs etc. as they come,
         # and a panel sends "5")
-        for key in list(request):
-            v = request[key]
-            if key in NUMBERS and v not in (None, "") and not isinstance(v, list):
-                request[key] = int(float(v)) if NUMBERS[key][0] == "int" else float(v)
-            elif key in FLAGS and isinstance(v, str) and v.strip():
-                request[key] = v.strip().lower() in _TRUE
+        request.update(values)
 
     def pre_process(self, request, datastore):
         self.check_options(request)
