@@ -1,4 +1,5 @@
-"""Thin MONAI Label adapters: the `quality` scoring method and the `quality`, `budget` and `review` strategies.
+"""Thin MONAI Label adapters: the `quality` scoring method and the `quality`, `budget`, `review`, `random` and
+`first` strategies.
 
 All decisions are made by the plain functions of :mod:`labelsentinel.strategies` over records kept in the
 :class:`labelsentinel.store.Store`; these classes only translate between them and MONAI Label's datastore
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from typing import Callable
 
@@ -193,6 +195,69 @@ def _skipped_last(cases: list, skipped: set[str], key=lambda c: c) -> list:
 def _structures(request) -> list[str] | None:
     s = _param(request, "structures", "")
     return [x.strip() for x in str(s).split(",") if x.strip()] or None
+
+
+class _LeasedStock(Strategy):
+    """MONAI Label's stock order over the unlabeled images, with our leases: a case out with one annotator is not
+    served to another while the lease runs, and asking again lets go of the case held (see ``_let_go``). With
+    no case free the answer says why instead of serving a case someone else has open."""
+
+    def __init__(self, description: str, store: Callable[[], Store], lease_minutes: float = 30.0):
+        super().__init__(description)
+        self._store = store
+        self.lease_minutes = lease_minutes
+
+    def pick(self, images: list[str], request, datastore: Datastore) -> list[str]:
+        """``images`` (the free unlabeled ones) in the order to try."""
+        raise NotImplementedError
+
+    def __call__(self, request, datastore: Datastore):
+        store = self._store()
+        client = str(request.get("client_id") or "anonymous")
+        ttl = _lease_seconds(request, self.lease_minutes)
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None  # nothing unlabeled: MONAI Label's own empty answer
+        skipped = _let_go(store, client, ttl)
+        busy = store.leased_by_others(client)
+        free = [i for i in images if i not in busy]
+        # the ones this annotator let go come last: tried only when no other case is free
+        order = self.pick([i for i in free if i not in skipped], request, datastore) + \
+            self.pick([i for i in free if i in skipped], request, datastore)
+        for cid in order:
+            if store.acquire_lease(cid, client, ttl):
+                return {"id": cid, "client_id": client}
+        return {"reason": f"nothing to serve: all {len(images)} unlabeled case(s) are out with other annotators"}
+
+
+class FirstStrategy(_LeasedStock):
+    """MONAI Label's `first` (unlabeled images by id), with leases."""
+
+    def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0):
+        super().__init__("First: the first unlabeled case by id that no other annotator has open", store, lease_minutes)
+
+    def pick(self, images, request, datastore):
+        return sorted(images)
+
+
+class RandomStrategy(_LeasedStock):
+    """MONAI Label's `random` (a case is likelier the longer since it was last served), with leases. The weights
+    are the seconds since each case was last served plus one: MONAI Label 0.8.5's own are the seconds alone,
+    so when every candidate was served within the current second they are all 0 and it crashes (several
+    annotators clicking Next Sample at once)."""
+
+    def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0):
+        super().__init__("Random: a random unlabeled case that no other annotator has open", store, lease_minutes)
+
+    def pick(self, images, request, datastore):
+        name = str(request.get("strategy") or "random")
+        now = int(time.time())
+
+        def key(image):  # a weighted draw without replacement (Efraimidis and Spirakis): log(u) / weight, largest first
+            w = now - (datastore.get_image_info(image).get("strategy", {}).get(name, {}).get("ts", 0) or 0) + 1
+            return math.log(1.0 - random.random()) / max(w, 1)
+
+        return sorted(sorted(images), key=key, reverse=True)
 
 
 class QualityStrategy(Strategy):

@@ -226,3 +226,46 @@ def test_asking_again_skips_the_case_and_it_comes_back_only_when_nothing_else_is
     assert set(s.leases()) == {"a"}  # one case out with the annotator at a time
     assert q({"client_id": "other"}, ds)["id"] == "b"  # what ann skipped is back for the others
     assert s.skipped_by("ann") == {"a", "b", "c"} and s.skipped_by("other") == set()
+
+
+def test_random_and_first_never_serve_an_open_case_to_another_annotator(tmp_path):
+    import threading
+
+    from labelsentinel.strategies.monailabel_adapters import FirstStrategy, RandomStrategy
+
+    class DS(_Datastore):
+        info = {}
+
+        def get_image_info(self, image_id):
+            return self.info.get(image_id, {})
+
+    s, ds = Store(str(tmp_path / "db")), DS("abcdefgh")
+    # 8 annotators at once, random: 8 different cases; a 9th is told why it gets none
+    got = {}
+
+    def ask(who):
+        got[who] = RandomStrategy(lambda: s)({"client_id": who, "strategy": "random"}, ds)
+
+    threads = [threading.Thread(target=ask, args=(f"ann{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(g["id"] for g in got.values()) == list("abcdefgh"), got
+    late = FirstStrategy(lambda: s)({"client_id": "late"}, ds)
+    assert not late.get("id") and "all 8 unlabeled case(s) are out" in late["reason"]
+    # first: by id among the free ones; asking again lets go (the case comes back to that annotator last)
+    s2 = Store(str(tmp_path / "db2"))
+    first = FirstStrategy(lambda: s2)
+    assert [first({"client_id": "x"}, ds)["id"] for _ in range(3)] == ["a", "b", "c"]
+    assert first({"client_id": "y"}, ds)["id"] == "a"  # what x let go is free for the others
+    assert first({}, ds)["id"] == "b" and first({}, ds)["client_id"] == "anonymous"
+    ds.final.update("abcdefgh")
+    assert first({"client_id": "z"}, ds) is None  # nothing unlabeled: MONAI Label's own empty answer
+    # random: a case served long ago is likelier than one served just now (stock weights, plus one)
+    import time
+
+    ds3, now = DS("pq"), int(time.time())
+    ds3.info = {"p": {"strategy": {"random": {"ts": now}}}, "q": {"strategy": {"random": {"ts": now - 3600}}}}
+    picks = [RandomStrategy(lambda: Store(str(tmp_path / f"r{i}")))({"client_id": "r"}, ds3)["id"] for i in range(40)]
+    assert picks.count("q") >= 35, picks

@@ -66,10 +66,35 @@ def test_info_lists_app_models_and_unreadable_studies(client, server):
     assert "truncated.nii.gz" in log and "garbage.nii.gz" in log  # the log names the files and why
 
 
-def test_next_sample_serves_only_readable_unlabeled_cases(client):
-    served = {client.next_sample("random", {"client_id": f"annotator-{i}"})["id"] for i in range(12)}
-    assert served <= UNLABELED_OK and served
-    assert client.next_sample("first", {})["id"] in UNLABELED_OK
+def test_next_sample_serves_only_readable_unlabeled_cases(server, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    from labelsentinel.store import Store, store_path
+
+    def ask(strategy, who, **params):  # each annotator's own client, as each Slicer has (its client_id)
+        return MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id=who).next_sample(strategy, params)
+
+    # MONAI Label's random and first orders, with leases: 5 annotators, 3 readable unlabeled cases. Each of
+    # the first 3 gets a different case; the other 2 are told why they get none, not handed an open case.
+    answers = [ask("random", f"annotator-{i}") for i in range(5)]
+    served = [a["id"] for a in answers if a.get("id")]
+    assert sorted(served) == sorted(UNLABELED_OK), answers
+    assert [a["client_id"] for a in answers[:3]] == ["annotator-0", "annotator-1", "annotator-2"]
+    for a in answers[3:]:
+        assert not a.get("id") and "out with other annotators" in a["reason"], a
+    assert ask("first", None).get("id", "") == ""  # all 3 are out
+    # annotator-0 asks again without saving: nothing else is free, so its own case comes back to it ...
+    mine = answers[0]["id"]
+    assert ask("first", "annotator-0")["id"] == mine
+    # ... and again with a lease of 0.06 s, which runs out at once: the case is free for the others
+    ask("first", "annotator-0", lease_minutes=0.001)
+    time.sleep(0.2)
+    got = ask("first", "annotator-3")
+    assert got["id"] == mine, got
+    store = Store(store_path(server.studies))
+    assert store.leases()[mine]["client_id"] == "annotator-3"
+    for cid in UNLABELED_OK:  # the annotators are done: the later tests start with every case free
+        store.release_lease(cid)
 
 
 def test_infer_returns_a_label_on_the_image_grid(client, server):

@@ -18,10 +18,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.first import First
 
 from lib.configs.segmentation import Segmentation
-from lib.activelearning import Random
 from lib.datastore import SentinelDatastore
 
 from labelsentinel import __version__
@@ -30,8 +28,10 @@ from labelsentinel.models.name_embedding import unknown_names
 from labelsentinel.store import Store, store_path
 from labelsentinel.strategies.monailabel_adapters import (
     BudgetStrategy,
+    FirstStrategy,
     QualityScoring,
     QualityStrategy,
+    RandomStrategy,
     ReviewStrategy,
     record_corrections,
 )
@@ -169,8 +169,9 @@ class SentinelApp(MONAILabelApp):
             "quality": QualityStrategy(self.store, self.threshold, prior_mae=self.prior_mae),
             "budget": BudgetStrategy(self.store, self.threshold),
             "review": ReviewStrategy(self.store),
-            "random": Random(),
-            "first": First(),
+            # MONAI Label's own orders, with our leases (two annotators never get the same open case)
+            "random": RandomStrategy(self.store),
+            "first": FirstStrategy(self.store),
         }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
@@ -218,7 +219,7 @@ class SentinelApp(MONAILabelApp):
         answer carries an empty id (clients read an empty id as "nothing to label") and a ``reason``.
         """
         task = self._strategies.get(request.get("strategy") or "random")
-        if not isinstance(task, (QualityStrategy, BudgetStrategy, ReviewStrategy)):
+        if not isinstance(task, (QualityStrategy, BudgetStrategy, ReviewStrategy, RandomStrategy, FirstStrategy)):
             return super().next_sample(request)
         res = task(request, self.datastore()) or {}
         if not res.get("id"):
