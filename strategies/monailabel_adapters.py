@@ -217,7 +217,9 @@ class _LeasedStock(Strategy):
         ttl = _lease_seconds(request, self.lease_minutes)
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
-            return None  # nothing unlabeled: MONAI Label's own empty answer
+            n = len(datastore.list_images())
+            return {"reason": f"nothing to serve: no unlabeled case ({n} image(s), every one with a final label)"
+                    if n else "nothing to serve: the datastore holds no images"}
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
         free = [i for i in images if i not in busy]

@@ -179,6 +179,9 @@ class _Datastore:
     def get_labeled_images(self, *a):
         return sorted(self.final)
 
+    def list_images(self):
+        return list(self.cases)
+
 
 def test_budget_strategy_gives_back_abandoned_cases_and_never_rewrites_the_plan(tmp_path):
     import time
@@ -261,7 +264,7 @@ def test_random_and_first_never_serve_an_open_case_to_another_annotator(tmp_path
     assert first({"client_id": "y"}, ds)["id"] == "a"  # what x let go is free for the others
     assert first({}, ds)["id"] == "b" and first({}, ds)["client_id"] == "anonymous"
     ds.final.update("abcdefgh")
-    assert first({"client_id": "z"}, ds) is None  # nothing unlabeled: MONAI Label's own empty answer
+    assert "no unlabeled case (8 image(s)" in first({"client_id": "z"}, ds)["reason"]
     # random: a case served long ago is likelier than one served just now (stock weights, plus one)
     import time
 

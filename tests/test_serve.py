@@ -36,7 +36,8 @@ def test_server_on_empty_folder_starts_and_says_why_nothing_is_served(tmp_path):
     srv = Server(str(studies), str(tmp_path)).start()
     try:
         r = requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30)
-        assert r.status_code == 200 and r.json() == {}
+        assert r.status_code == 200 and not r.json().get("id"), r.text
+        assert r.json()["reason"] == "nothing to serve: the datastore holds no images"
         assert "holds no images" in srv.log()
     finally:
         srv.stop()
