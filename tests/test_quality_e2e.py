@@ -214,6 +214,46 @@ def test_import_labels_over_http_knows_the_servers_names_and_leaves_no_temporary
     assert os.listdir(tmp) == []  # the image downloaded to check the grid is gone
 
 
+def test_annotators_saving_at_once_while_scoring_runs_lose_nothing(server, studies, tmp_path):
+    """Four annotators save their final labels at the same moment while a scoring run works in the background
+    (a subprocess that also writes MONAI Label's datastore JSON): every label is kept and listed, each one's
+    real pairs are recorded, and their leases end."""
+    from monailabel.client import MONAILabelClient
+
+    from labelsentinel.store import Store, store_path
+
+    cases = ["case_003", "case_004", "case_005", "case_006"]
+    assert requests.post(f"{server.url}/scoring/quality", timeout=30).status_code in (200, 429)
+    results, errors = {}, []
+
+    def save(i, case):
+        try:
+            c = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id=f"saver-{i}")
+            c.next_sample("quality", {"good_enough": 0.999})  # each holds a lease, as annotators do
+            results[case] = c.save_label(case, os.path.join(studies, "truth", f"{case}.nii.gz"), tag="final")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{case}: {e!r}")
+
+    threads = [threading.Thread(target=save, args=(i, c)) for i, c in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(results[c]["corrections"]["recorded"] >= 1 for c in cases), results  # one per pseudo-label
+    st = _score(server.url)  # the background run ends (its JSON write comes after the saves)
+    assert st["status"] == "DONE", st
+    ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert all("final" in ds[c]["labels"] for c in cases), {c: ds[c]["labels"] for c in cases}
+    for c in cases:
+        with open(os.path.join(studies, "labels", "final", f"{c}.nii.gz"), "rb") as a, \
+                open(os.path.join(studies, "truth", f"{c}.nii.gz"), "rb") as b:
+            assert a.read() == b.read()
+    store = Store(store_path(studies))
+    assert {p["image_id"] for p in store.corrections()} >= set(cases)
+    assert not set(store.leases()) & set(cases)
+
+
 def test_restart_keeps_every_score(server, tmp_path):
     before = requests.get(f"{server.url}/labelsentinel/quality", timeout=30).json()["records"]
     # Writes by the server itself into its datastore JSON (served markers) must not touch the scores.
