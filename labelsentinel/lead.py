@@ -88,9 +88,19 @@ def summarize(q: dict, method: str = "min") -> dict:
         "below_threshold": sum(a < thr for a in aggs),
         "above_threshold": sum(a >= thr for a in aggs),
         "out_with_annotators": len(q.get("leases", {})),
+        "annotators": _annotators(q.get("leases", {})),
         "corrections": _corrections_summary(q),
         "training": _training_summary(q),
     }
+
+
+def _annotators(leases: dict) -> dict:
+    """{annotator: [(case, lease end as HH:MM local time), ...]} of the cases out now."""
+    out: dict = {}
+    for case, lease in sorted(leases.items()):
+        until = time.strftime("%H:%M", time.localtime(lease["expires"]))
+        out.setdefault(lease["client_id"], []).append([case, until])
+    return out
 
 
 def _training_summary(q: dict) -> dict:
@@ -158,6 +168,8 @@ def cmd_status(args) -> int:
           f"unlabeled cases below the good-enough threshold "
           f"({s['good_enough']:.2f}): {s['below_threshold']}, above: {s['above_threshold']}")
     print(f"  out with annotators: {s['out_with_annotators']}")
+    for who, cases in s["annotators"].items():
+        print(f"    {who}: " + ", ".join(f"{c} (until {t})" for c, t in cases))
     print(f"  corrections: {_corrections_text(s['corrections'])}")
     print(f"  training: {_training_text(s['training'])}")
     for k, v in s["label_errors"].items():

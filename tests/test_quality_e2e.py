@@ -171,6 +171,11 @@ def test_lead_cli_budget_and_report(server, tmp_path):
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["scored_labels"] == 7 and BROKEN in st["label_errors"]
+    # who has which case: b0 and b1 hold the two planned cases, b9 the third
+    held = {who: [c for c, _ in cases] for who, cases in st["annotators"].items()}
+    assert held == {"b0": [served[0]], "b1": [served[1]], "b9": held["b9"]} and len(held["b9"]) == 1, held
+    text = cli("status").stdout
+    assert f"    b0: {served[0]} (until " in text, text
     out = tmp_path / "report"
     r = cli("report", "--out", str(out))
     assert r.returncode == 0, r.stderr
