@@ -218,7 +218,7 @@ class _LeasedStock(Strategy):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
             n = len(datastore.list_images())
-            return {"reason": f"nothing to serve: no unlabeled case ({n} image(s), every one with a final label)"
+            return {"reason": f"nothing to serve: none of the {n} image(s) is a readable case without a final label"
                     if n else "nothing to serve: the datastore holds no images"}
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)

@@ -264,7 +264,7 @@ def test_random_and_first_never_serve_an_open_case_to_another_annotator(tmp_path
     assert first({"client_id": "y"}, ds)["id"] == "a"  # what x let go is free for the others
     assert first({}, ds)["id"] == "b" and first({}, ds)["client_id"] == "anonymous"
     ds.final.update("abcdefgh")
-    assert "no unlabeled case (8 image(s)" in first({"client_id": "z"}, ds)["reason"]
+    assert "none of the 8 image(s) is a readable case without a final label" in first({"client_id": "z"}, ds)["reason"]
     # random: a case served long ago is likelier than one served just now (stock weights, plus one)
     import time
 
