@@ -279,7 +279,8 @@ def test_ohif_in_chromium_lists_our_strategies_and_opens_the_case_quality_chose(
     """The OHIF viewer the server serves, in headless Chromium: the MONAI Label panel connects to this server
     (on its own port), the Active Learning panel lists our strategies and their options, an option changed in
     the panel goes back with the request, and Next Sample opens the study of the series the quality strategy
-    chose (the worst-ranked unlabeled series not out with another annotator)."""
+    chose (the worst-ranked unlabeled series not out with another annotator); a strategy with nothing to serve
+    is answered with its reason."""
     from conftest import CHROMIUM_ARGS, ensure_chromium
     from playwright.sync_api import sync_playwright
 
@@ -336,6 +337,13 @@ def test_ohif_in_chromium_lists_our_strategies_and_opens_the_case_quality_chose(
             # The drop-down starts on the app's first strategy and sets the one asked for (MONAI Label 0.8.5's
             # panel always asked for "random"; the app serves it fixed).
             assert strategy.input_value() == "quality"
+            # A strategy that serves nothing (no budget set yet): the panel says why, not an empty form
+            strategy.select_option("budget")
+            with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=120_000) as resp:
+                next_sample.click()
+            assert resp.value.url.endswith("/activelearning/budget") and not resp.value.json()["id"], resp.value.json()
+            page.wait_for_selector("text=no budget set", timeout=30_000)
+            assert page.locator(".nextSampleForm").count() == 0
             strategy.select_option("first")
             with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=120_000) as resp:
                 next_sample.click()

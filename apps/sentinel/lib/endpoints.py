@@ -149,13 +149,24 @@ SERVER_COOKIE = "MONAILABEL_SERVER_URL"
 # MONAI Label 0.8.5's OHIF panel (bundle of extensions/monai-label, ActiveLearning.tsx) binds the strategy
 # drop-down to ``this.onChangeStrategy``, which it never defines: whatever an annotator picks, Next Sample asks
 # for "random". Served patched: the drop-down sets the strategy, and it starts on the app's first strategy
-# (``quality`` for this app) instead of "random".
+# (``quality`` for this app) instead of "random". And when a strategy serves nothing (budget spent, every case
+# good enough or out with others), the panel showed an empty Next Sample form whose OK reloaded the page on an
+# undefined study; it now shows the answer's reason.
 _OHIF_STRATEGY_PATCHES = (
     ("onChange: this.onChangeStrategy,", "onChange: evt => this.setState({ strategy: evt.target.value }),"),
     ("      strategy: 'random',\n      training: false,",
      "      strategy: props.info && props.info.data && props.info.data.strategies && "
      "Object.keys(props.info.data.strategies).length ? Object.keys(props.info.data.strategies)[0] : 'random',\n"
      "      training: false,"),
+    ("      } else {\n        this.uiModelService.show({\n          content: NextSampleForm,",
+     "      } else if (!response.data || !response.data.id) {\n"
+     "        this.notification.show({\n"
+     "          title: 'MONAI Label',\n"
+     "          message: (response.data && response.data.reason) || 'Nothing to label: the strategy served no case',\n"
+     "          type: 'warning',\n"
+     "          duration: 15000\n"
+     "        });\n"
+     "      } else {\n        this.uiModelService.show({\n          content: NextSampleForm,"),
 )
 _patched_scripts: dict = {}
 
@@ -180,7 +191,7 @@ def patched_ohif_script(path: str) -> bytes | None:
                 else:
                     logger.warning(f"OHIF strategy patch: {a[:40]!r} not found in {os.path.basename(path)}")
             out = text.encode("utf-8")
-            logger.info(f"OHIF: serving {os.path.basename(path)} with the strategy drop-down fixed")
+            logger.info(f"OHIF: serving {os.path.basename(path)} with the strategy drop-down fixed and empty answers shown with their reason")
         _patched_scripts[key] = out
     return _patched_scripts[key]
 
