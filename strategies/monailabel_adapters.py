@@ -208,8 +208,8 @@ class _LeasedStock(Strategy):
         self.lease_minutes = lease_minutes
 
     def pick(self, images: list[str], request, datastore: Datastore) -> list[str]:
-        """``images`` (the free unlabeled ones) in the order to try."""
-        raise NotImplementedError
+        """``images`` (the free unlabeled ones) in the order to try: by id, MONAI Label's `first` order."""
+        return sorted(images)
 
     def __call__(self, request, datastore: Datastore):
         store = self._store()
@@ -222,11 +222,8 @@ class _LeasedStock(Strategy):
                     if n else "nothing to serve: the datastore holds no images"}
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
-        free = [i for i in images if i not in busy]
-        # the ones this annotator let go come last: tried only when no other case is free
-        order = self.pick([i for i in free if i not in skipped], request, datastore) + \
-            self.pick([i for i in free if i in skipped], request, datastore)
-        for cid in order:
+        order = self.pick([i for i in images if i not in busy], request, datastore)
+        for cid in _skipped_last(order, skipped):
             if store.acquire_lease(cid, client, ttl):
                 return {"id": cid, "client_id": client}
         return {"reason": f"nothing to serve: all {len(images)} unlabeled case(s) are out with other annotators"}
@@ -237,9 +234,6 @@ class FirstStrategy(_LeasedStock):
 
     def __init__(self, store: Callable[[], Store], lease_minutes: float = 30.0):
         super().__init__("First: the first unlabeled case by id that no other annotator has open", store, lease_minutes)
-
-    def pick(self, images, request, datastore):
-        return sorted(images)
 
 
 class RandomStrategy(_LeasedStock):
@@ -259,7 +253,7 @@ class RandomStrategy(_LeasedStock):
             w = now - (datastore.get_image_info(image).get("strategy", {}).get(name, {}).get("ts", 0) or 0) + 1
             return math.log(1.0 - random.random()) / max(w, 1)
 
-        return sorted(sorted(images), key=key, reverse=True)
+        return sorted(images, key=key, reverse=True)
 
 
 class QualityStrategy(Strategy):
