@@ -13,6 +13,7 @@ Usage: python bench/bench_strategies.py [--cases 30] [--seed 4000] [--target 0.9
 """
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -130,6 +131,10 @@ def next_sample_latency(n=1000):
         strat = QualityStrategy(lambda: store, threshold=0.9)
         ds = DS(ids)
         strat({"client_id": "warm-up"}, ds)
+        # as the app does once started (main.py, on_init_complete): what exists now is out of the garbage
+        # collector's reach, so a full collection does not walk this process's torch/MONAI heap mid-call
+        gc.collect()
+        gc.freeze()
         times = []
         for i in range(20):
             t = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -64,6 +65,9 @@ def test_info_lists_app_models_and_unreadable_studies(client, server):
     assert "truncated.nii.gz" in bad["truncated"] and "cannot be read" in bad["truncated"]
     log = server.log()
     assert "truncated.nii.gz" in log and "garbage.nii.gz" in log  # the log names the files and why
+    # start-up's objects are out of the garbage collector's reach (no full-heap pauses inside requests)
+    frozen = re.search(r"start-up objects frozen for the garbage collector: (\d+)", log)
+    assert frozen and int(frozen.group(1)) > 100_000, log[-2000:]
 
 
 def test_next_sample_serves_only_readable_unlabeled_cases(server, tmp_path):

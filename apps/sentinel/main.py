@@ -7,6 +7,7 @@ This file only wires the pieces together; the logic lives in ``labelsentinel`` a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -234,6 +235,12 @@ class SentinelApp(MONAILabelApp):
         from lib.endpoints import register_routes
 
         register_routes(self)
+        # What start-up built (MONAI Label, torch, the app: hundreds of thousands of objects) is moved out of the
+        # garbage collector's reach. A full collection otherwise walks all of it and stalls the request that
+        # triggered it: 50 to 240 ms pauses inside next_sample were measured (BENCHMARKS.md, next sample).
+        gc.collect()
+        gc.freeze()
+        logger.info(f"start-up objects frozen for the garbage collector: {gc.get_freeze_count()}")
 
     def info(self):
         d = super().info()
