@@ -265,7 +265,7 @@ the most any order can save here. The same orders against other targets:
 The ratio depends on the network epistemic scoring runs: the target is judged on the app's default `small`
 network (above); the `medium` row shows the ratio a server configured with the larger network would see.
 
-Next sample (`quality` strategy, 1,000 scored unlabeled cases in the store, after one warm-up call): median
+Next sample (`quality` strategy, 1,000 scored unlabeled cases in the store, after one warm-up call and the start-up garbage-collector freeze the app does): median
 {1000 * med:.1f} ms, max {1000 * mx:.1f} ms over 20 calls (target <= 200 ms; the strategy call, without HTTP).
 """
     print(md)
