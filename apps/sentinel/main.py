@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 
 import monailabel
@@ -43,10 +44,52 @@ logger = logging.getLogger(__name__)
 CONFIGS = {"segmentation": Segmentation}
 
 
+def conf_number(conf: dict, key: str, default, cast=float, lo=None, hi=None):
+    """``--conf key value`` as a number in [lo, hi]; a clear error naming the option otherwise."""
+    raw = conf.get(key)
+    if raw is None or str(raw).strip() == "":
+        return default
+    kind = "an integer" if cast is int else "a number"
+    bounds = f"{kind} >= {lo}" if hi is None else f"{kind} from {lo} to {hi}"
+    try:
+        v = cast(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"--conf {key} must be {bounds}, got {raw!r}") from None
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"--conf {key} must be {bounds}, got {raw!r}")
+    return v
+
+
+def resolve_labels(app_dir: str, studies: str, conf: dict) -> None:
+    """Which structures the project segments, when ``--conf labels`` is not given.
+
+    The app's labels.json (the demo's structures) fits studies whose label_names.json agrees with it (the
+    demo, TotalSegmentator ids). When the studies' label_names.json gives the app's ids other names, or none
+    of them, the studies' file is the project's list: otherwise a label would be scored as lacking structures
+    it was never meant to have, under names that are not its own."""
+    if conf.get("labels") or studies.startswith(("http://", "https://")):
+        return
+    p = os.path.join(studies, "label_names.json")
+    default = load_label_names(os.path.join(app_dir, "labels.json"))
+    if not os.path.isfile(p):
+        logger.warning(f"no --conf labels and no {p}: the app's default structures ({', '.join(default.values())}) "
+                       "are expected in every label, and a label lacking one is scored as missing it. Give your "
+                       "structures with --conf labels FILE (id -> name JSON).")
+        return
+    theirs = load_label_names(p)
+    clash = sorted(i for i in default if i in theirs and theirs[i] != default[i])
+    if clash or not set(default) & set(theirs):
+        why = (f"it names id {clash[0]} {theirs[clash[0]]!r}, not {default[clash[0]]!r}" if clash
+               else "it holds none of the app's default ids")
+        logger.info(f"labels: {p} ({len(theirs)} structures; {why}), not the app's default labels.json")
+        conf["labels"] = p
+
+
 class SentinelApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         # Set everything the base constructor's init_* calls need before calling it.
         self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+        resolve_labels(app_dir, studies, conf)
         os.makedirs(self.model_dir, exist_ok=True)
         names = [m.strip() for m in conf.get("models", "segmentation").split(",") if m.strip()]
         unknown = [m for m in names if m not in CONFIGS]
@@ -58,8 +101,10 @@ class SentinelApp(MONAILabelApp):
             c.init(n, self.model_dir, conf, None)
             self.configs[n] = c
         self.estimator_weights = conf.get("estimator_weights") or None
+        self.estimator_device = self._estimator_device(conf)
         self.estimator_mae = self._estimator_mae()
         self.threshold = self._good_enough(conf)
+        self.finetune_after = conf_number(conf, "finetune_after", 10, int, lo=0)
         self._store = None
         super().__init__(
             app_dir=app_dir,
@@ -123,23 +168,48 @@ class SentinelApp(MONAILabelApp):
                 out[k] = t
         return out
 
+    @staticmethod
+    def _estimator_device(conf) -> str:
+        device = (conf.get("estimator_device") or "cpu").strip().lower()
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"--conf estimator_device must be cpu or cuda, got {conf.get('estimator_device')!r}")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                logger.warning("--conf estimator_device cuda: no CUDA device here; the estimator scores on the CPU")
+                return "cpu"
+        return device
+
     def _estimator_mae(self) -> float | None:
-        """The estimator's validation MAE (from its checkpoint): the prior error before real corrections."""
+        """The estimator's validation MAE (from its checkpoint): the prior error before real corrections.
+        Weights given with ``--conf estimator_weights`` must load, or the server does not start."""
+        from labelsentinel.models.estimator import DEFAULT_WEIGHTS
+
+        if self.estimator_weights:
+            from labelsentinel.models.estimator import QualityEstimator
+
+            if not os.path.isfile(self.estimator_weights):
+                raise ValueError(f"--conf estimator_weights {self.estimator_weights}: no such file")
+            try:
+                QualityEstimator.load(self.estimator_weights)
+            except Exception as e:
+                raise ValueError(f"--conf estimator_weights {self.estimator_weights}: not a usable estimator "
+                                 f"checkpoint ({type(e).__name__}: {e})") from None
         try:
             import torch
 
-            from labelsentinel.models.estimator import DEFAULT_WEIGHTS
-
             ck = torch.load(self.estimator_weights or DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
             return float(ck["validation"]["estimator"]["mae"])
-        except Exception as e:  # no weights yet
-            logger.warning(f"estimator MAE unknown ({e})")
+        except Exception as e:  # a checkpoint without its validation figures
+            logger.warning(f"estimator MAE unknown ({type(e).__name__}: {e})")
             return None
 
     def _good_enough(self, conf) -> float:
         """``--conf good_enough X``, else derived from the estimator's validation MAE (see ranking.py)."""
-        if conf.get("good_enough"):
-            return float(conf["good_enough"])
+        given = conf_number(conf, "good_enough", None, float, lo=0.0, hi=1.0)
+        if given is not None:
+            return given
         if self.estimator_mae is None:
             logger.warning("good-enough threshold 0.9 (estimator MAE unknown)")
             return 0.9
@@ -176,12 +246,12 @@ class SentinelApp(MONAILabelApp):
         }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        device = "cuda" if self.conf.get("estimator_device") == "cuda" else "cpu"
+        device = self.estimator_device
         # The structures the project segments (the app's labels): a pseudo-label lacking one is incomplete.
         expected = {int(v) for c in self.configs.values() for v in c.labels.values()}
         return {"quality": QualityScoring(self.store, self.structure_names(), self.estimator_weights, device, expected,
                                           prior_mae=self.prior_mae,
-                                          finetune_after=int(self.conf.get("finetune_after", 10)),
+                                          finetune_after=self.finetune_after,
                                           finetune_path=os.path.join(self.model_dir, "estimator_finetuned.pt"))}
 
     def _active_estimator(self) -> str | None:

@@ -87,6 +87,13 @@ class Segmentation(BasicInferTask):
         return super().writer(data, extension=extension, dtype=dtype or label_dtype)
 
     def __call__(self, request, callbacks=None):
+        if self.get_path() is None:
+            # MONAI Label would run the untrained network and return noise as a label
+            raise HTTPException(
+                status_code=409,
+                detail="the segmentation model has no weights yet: the shipped ones do not fit this configuration "
+                       "(or use_pretrained_model is false) and no model has been trained; train first "
+                       "(POST /train/segmentation, Slicer's or OHIF's Train)")
         image = request.get("image")
         try:
             if isinstance(image, str) and os.path.isfile(image):
