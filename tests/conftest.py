@@ -25,7 +25,9 @@ def free_port() -> int:
 class Server:
     """A real MONAI Label server process running the Label Sentinel app."""
 
-    def __init__(self, studies: str, workdir: str, conf: dict | None = None, env: dict | None = None):
+    def __init__(self, studies: str, workdir: str, conf: dict | None = None, env: dict | None = None,
+                 app: str = APP):
+        self.app = app
         self.studies = studies
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,8 +40,8 @@ class Server:
     def start(self, timeout: float = 180) -> "Server":
         from labelsentinel.serve import server_command, server_env
 
-        cmd = server_command(APP, self.studies, "127.0.0.1", self.port, [[k, str(v)] for k, v in self.conf.items()])
-        env = server_env(APP)
+        cmd = server_command(self.app, self.studies, "127.0.0.1", self.port, [[k, str(v)] for k, v in self.conf.items()])
+        env = server_env(self.app)
         env.update(self.env)
         self._log = open(self.log_path, "ab")
         t0 = time.time()

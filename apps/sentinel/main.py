@@ -37,6 +37,7 @@ from labelsentinel.strategies.monailabel_adapters import (
     ReviewStrategy,
     record_corrections,
 )
+from labelsentinel.strategies.monailabel_app import ReasonedNextSample
 from labelsentinel.strategies.ranking import good_enough_threshold
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ def resolve_labels(app_dir: str, studies: str, conf: dict) -> None:
         conf["labels"] = p
 
 
-class SentinelApp(MONAILabelApp):
+class SentinelApp(ReasonedNextSample, MONAILabelApp):
+    """MONAI Label's app with our strategies, scoring, datastore and routes; ``ReasonedNextSample`` makes a
+    strategy that serves nothing answer with its reason."""
+
     def __init__(self, app_dir, studies, conf):
         # Set everything the base constructor's init_* calls need before calling it.
         self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
@@ -281,23 +285,6 @@ class SentinelApp(MONAILabelApp):
         except Exception as e:  # the label is saved; a failed bookkeeping step must not fail the save
             logger.error(f"recording the correction of {image_id} failed: {e}")
             res["corrections_error"] = str(e)
-        return res
-
-    def next_sample(self, request):
-        """As MONAI Label's, but when our strategies have nothing to serve the answer says why.
-
-        MONAI Label's /activelearning endpoint reads ``result["id"]`` of any non-empty answer, so such an
-        answer carries an empty id (clients read an empty id as "nothing to label") and a ``reason``.
-        """
-        task = self._strategies.get(request.get("strategy") or "random")
-        if not isinstance(task, (QualityStrategy, BudgetStrategy, ReviewStrategy, RandomStrategy, FirstStrategy)):
-            return super().next_sample(request)
-        res = task(request, self.datastore()) or {}
-        if not res.get("id"):
-            return {**res, "id": ""}
-        res["path"] = self._datastore.get_image_uri(res["id"])
-        if self._auto_update_scoring:
-            self.async_scoring(None)
         return res
 
     def on_init_complete(self):

@@ -8,28 +8,35 @@ Run (with label-sentinel installed in the server's Python, and PYTHONPATH set fo
 import os
 
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.random import Random
 
-# --- Label Sentinel (1/2): imports ---------------------------------------------------------------------
+# --- Label Sentinel (1/3): imports ---------------------------------------------------------------------
 from labelsentinel.io import load_label_names
 from labelsentinel.store import Store, store_path
-from labelsentinel.strategies.monailabel_adapters import BudgetStrategy, QualityScoring, QualityStrategy
+from labelsentinel.strategies.monailabel_adapters import (
+    BudgetStrategy,
+    QualityScoring,
+    QualityStrategy,
+    RandomStrategy,
+)
+from labelsentinel.strategies.monailabel_app import ReasonedNextSample
 from labelsentinel.strategies.ranking import good_enough_threshold
 
 
-class MyApp(MONAILabelApp):
+# --- Label Sentinel (2/3): ReasonedNextSample first among the bases (a strategy with nothing to serve
+# answers with its reason), a record store next to the studies, a threshold and the structure names -------
+class MyApp(ReasonedNextSample, MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        # --- Label Sentinel (2/2): a record store next to the studies, a threshold, and the tasks -------
         self.sentinel_store = Store(store_path(studies))
         self.good_enough = good_enough_threshold(0.06)  # the estimator's MAE: see BENCHMARKS.md
         names_file = os.path.join(studies, "label_names.json")
         self.structure_names = load_label_names(names_file) if os.path.exists(names_file) else {}
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Your app + Label Sentinel")
 
+    # --- Label Sentinel (3/3): the strategies and the scoring method --------------------------------------
     def init_strategies(self):
         store = lambda: self.sentinel_store  # noqa: E731
         return {
-            "random": Random(),
+            "random": RandomStrategy(store),  # MONAI Label's random order, with the annotators' leases
             "quality": QualityStrategy(store, self.good_enough),
             "budget": BudgetStrategy(store, self.good_enough),
         }
