@@ -6,7 +6,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STUDIES ?= sample-apps/studies
+DEMO_STUDIES := sample-apps/studies
+STUDIES ?= $(DEMO_STUDIES)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 CONF ?=
@@ -30,17 +31,27 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Demo studies are generated for the default demo folder only: `make run STUDIES=/your/folder` serves your folder
+# as it is (`labelsentinel serve` stops with a message when it is missing or empty) and never writes into it.
+# `make sample-data [STUDIES=DIR]` asks for them explicitly; `labelsentinel sample-data` refuses a folder that holds
+# other data and never overwrites a file.
+ifeq ($(abspath $(STUDIES)),$(abspath $(DEMO_STUDIES)))
+DEMO_DATA := $(STUDIES)/label_names.json
+else
+DEMO_DATA :=
+endif
+
 $(STUDIES)/label_names.json: | $(VENV)/.installed
 	$(VENV)/bin/labelsentinel sample-data --out $(STUDIES)
 
 sample-data: $(STUDIES)/label_names.json
 
-run: $(VENV)/.installed $(STUDIES)/label_names.json
+run: $(VENV)/.installed $(DEMO_DATA)
 	@$(PY) -m labelsentinel.serve --app apps/sentinel --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 # Orthanc (Debian packages orthanc + orthanc-dicomweb, installed with apt-get if missing) on a free loopback
 # port, the studies stored in it as DICOM CT series with their pseudo-labels imported, the server on its DICOMweb.
-run-dicom: $(VENV)/.installed $(STUDIES)/label_names.json
+run-dicom: $(VENV)/.installed $(DEMO_DATA)
 	@$(PY) -m labelsentinel.cli run-dicom --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: $(VENV)/.installed

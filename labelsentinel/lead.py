@@ -1,7 +1,7 @@
 """The project lead's commands, over HTTP against a running Label Sentinel server.
 
     labelsentinel status --server URL [--score] [--json]
-    labelsentinel plan   --server URL [--cases N | --minutes M] [--cost-model JSON] [--json]
+    labelsentinel plan   --server URL [--cases N] [--minutes M] [--cost-model JSON] [--json]
     labelsentinel report --server URL --out DIR [--score]
 
 ``--score`` asks the server to (re)score the labels first (``POST /scoring/quality``) and shows progress
@@ -178,9 +178,51 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _budget_text(cases, minutes) -> str:
+    """'10 cases', '120 minutes' or '2 cases and 60 minutes' (a plan honours both limits when both are set)."""
+    parts = ([f"{cases} cases"] if cases is not None else []) + ([f"{minutes:g} minutes"] if minutes is not None else [])
+    return " and ".join(parts) or "none"
+
+
+def _status_text(status: dict) -> str:
+    """Used and left of the budget; 'left' only for the limits the lead set (cases, minutes or both)."""
+    left = []
+    if status.get("left_cases") is not None:
+        left.append(f"{status['left_cases']} case(s)")
+    if status.get("left_minutes") is not None:
+        left.append(f"{status['left_minutes']} min")
+    return (f"used: {status['used_cases']} case(s), {status['used_minutes']} min (planned minutes)"
+            + (f"; left: {', '.join(left)}" if left else ""))
+
+
+def parse_cost_model(text: str) -> dict:
+    """The ``--cost-model`` JSON object, checked here: unknown keys and bad values are refused, naming the
+    keys the cost model knows (the server would otherwise ignore an unknown key without a word)."""
+    from labelsentinel.strategies.budget import CostModel
+
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise ServerError(f"--cost-model is not valid JSON ({e}): {text}") from e
+    allowed = list(CostModel.__dataclass_fields__)
+    if not isinstance(d, dict):
+        raise ServerError(f"--cost-model must be a JSON object with the keys {', '.join(allowed)}, got {text}")
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise ServerError(f"--cost-model: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"the cost model knows {', '.join(allowed)}")
+    try:
+        CostModel.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ServerError(f"--cost-model: {e}") from e
+    return d
+
+
 def cmd_plan(args) -> int:
     base = args.server.rstrip("/")
     if args.cases is None and args.minutes is None:
+        if args.cost_model:
+            raise ServerError("--cost-model needs a budget: give --cases N and/or --minutes M with it")
         d = _get(args.server, "/labelsentinel/budget")
         plan, status = d["plan"], d["status"]
         if args.json:
@@ -189,17 +231,15 @@ def cmd_plan(args) -> int:
             print(status.get("reason", "no budget set"))
         else:
             _print_plan(plan)
-            print(f"used: {status['used_cases']} case(s), {status['used_minutes']} min; left: "
-                  f"{status['left_cases']} case(s), {status['left_minutes']} min")
+            print(_status_text(status))
         return 0
+    if args.cases is not None and args.cases < 0:
+        raise ServerError(f"--cases must be a whole number >= 0, got {args.cases}")
     if args.minutes is not None and not (args.minutes >= 0 and args.minutes != float("inf")):
         raise ServerError(f"--minutes must be a finite number >= 0, got {args.minutes}")
     body = {"cases": args.cases, "minutes": args.minutes}
     if args.cost_model:
-        try:
-            body["cost_model"] = json.loads(args.cost_model)
-        except ValueError as e:
-            raise ServerError(f"--cost-model is not valid JSON ({e}): {args.cost_model}") from e
+        body["cost_model"] = parse_cost_model(args.cost_model)
     if args.score:
         run_scoring(args.server)
     r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
@@ -213,7 +253,7 @@ def cmd_plan(args) -> int:
 
 
 def _print_plan(plan: dict) -> None:
-    b = f"{plan['budget_cases']} cases" if plan["budget_cases"] is not None else f"{plan['budget_minutes']} minutes"
+    b = _budget_text(plan["budget_cases"], plan["budget_minutes"])
     print(f"budget {b}: {len(plan['cases'])} planned correction(s), {plan.get('planned_minutes', plan.get('used_minutes'))} annotator minutes "
           f"({plan['method']})")
     for i, c in enumerate(plan["cases"], 1):
@@ -430,8 +470,10 @@ def register(sub) -> None:
             p.add_argument("--json", action="store_true")
         if name == "plan":
             p.add_argument("--cases", type=int, help="budget in corrected cases")
-            p.add_argument("--minutes", type=float, help="budget in annotator minutes")
-            p.add_argument("--cost-model", help='JSON, e.g. {"base_minutes": 3, "structure_minutes": {"liver": 10}}')
+            p.add_argument("--minutes", type=float,
+                           help="budget in annotator minutes (with --cases too, the plan keeps within both)")
+            p.add_argument("--cost-model", help='JSON with the keys base_minutes, review_minutes, fix_minutes, '
+                           'structure_minutes, minutes_per_case, e.g. {"base_minutes": 3, "structure_minutes": {"liver": 10}}')
         if name == "report":
             p.add_argument("--out", required=True, help="folder for report.html and the CSV files")
             p.add_argument("--aggregate", default="min", choices=["min", "mean", "volume_weighted"])

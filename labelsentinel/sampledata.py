@@ -10,14 +10,18 @@
     DIR/truth/pseudo_label_quality.csv the true Dice of every structure of every pseudo-label
     DIR/truth/cases.csv                per case: quality grade, patient sex and age (for group reports)
     DIR/label_names.json               id -> structure name (TotalSegmentator ids)
+    DIR/.labelsentinel-sample-data.json   the settings it was written with (written first)
 
-The same seed gives the same bytes.
+The same seed gives the same bytes. It never overwrites a file: DIR must be new or empty, or a folder it wrote
+before with the same settings (then it writes only the files missing there); anything else is refused before
+a file is written, so a folder of real studies is never touched.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import numbers
 import os
 import shutil
 import sys
@@ -170,24 +174,115 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
+MANIFEST = ".labelsentinel-sample-data.json"  # written first: marks a folder as this generator's, with its settings
+
+
+class SampleDataError(ValueError):
+    """A request the generator refuses (bad settings, or a folder that holds other data); nothing was written."""
+
+
+def planned_files(cases: int, real_ct: bool = True) -> list[str]:
+    """The files (relative paths) that ``generate`` writes, the manifest aside."""
+    files = []
+    for i in range(cases):
+        cid = f"case_{i:03d}"
+        files += [f"{cid}.nii.gz", f"truth/{cid}.nii.gz", f"labels/original/{cid}.nii.gz"]
+        if i < N_FINAL:
+            files.append(f"labels/final/{cid}.nii.gz")
+    files += ["truth/pseudo_label_quality.csv", "truth/cases.csv"]
+    if real_ct:
+        files += [f"{REAL_CT_ID}.nii.gz", f"labels/original/{REAL_CT_ID}.nii.gz", f"NOTICE-{REAL_CT_ID}.txt"]
+    return files + ["label_names.json"]
+
+
+def _settings(cases: int, seed: int, real_ct: bool, grades) -> dict:
+    return {"generator": "labelsentinel sample-data", "format": 1, "cases": int(cases), "seed": int(seed),
+            "real_ct": bool(real_ct), "grades": None if grades is None else [float(g) for g in grades]}
+
+
+def _describe(s: dict) -> str:
+    return (f"{s.get('cases')} case(s), seed {s.get('seed')}, {'with' if s.get('real_ct') else 'without'} the real CT"
+            + (", own grades" if s.get("grades") is not None else ""))
+
+
+def check_out_folder(out: str, settings: dict) -> bool:
+    """Whether ``out`` may receive these demo studies: True for a new or empty folder, False for a folder this
+    generator wrote before with the same settings (only its missing files are written again). Anything else
+    (a file, a folder of other data, demo studies of other settings) raises SampleDataError."""
+    if not os.path.exists(out):
+        return True
+    if not os.path.isdir(out):
+        raise SampleDataError(f"{out!r} exists and is not a folder")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return True
+    manifest = os.path.join(out, MANIFEST)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict):
+            mine = {k: v for k, v in before.items() if k != "files"}
+            if mine == settings:
+                return False
+            raise SampleDataError(
+                f"{out!r} holds demo studies written with other settings ({_describe(mine)}; asked for "
+                f"{_describe(settings)}); nothing was written. Choose a new or empty folder, or remove {out!r} first."
+            )
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise SampleDataError(
+        f"{out!r} already holds files that `labelsentinel sample-data` did not write ({shown}); it never writes "
+        "demo studies into a folder of other data, so nothing was written. Choose a new or empty folder."
+    )
+
+
 def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, progress=True, grades=None) -> dict:
     """Write the sample studies folder; returns a summary dict.
 
     ``grades``: the pseudo-label quality of each case (1 = very good, 0 = clearly wrong); default evenly
     spread from 0.95 to 0.1 in a seeded order.
+
+    ``out`` must be new or empty, or a folder written before by this function with the same settings (then
+    only its missing files are written). An existing file is never overwritten: a folder of other data
+    raises SampleDataError (a ValueError) before anything is written.
     """
+    if isinstance(cases, bool) or not isinstance(cases, numbers.Integral) or cases < 1:
+        raise SampleDataError(f"--cases must be a whole number of at least 1, got {cases!r}")
+    if grades is not None and len(grades) != cases:
+        raise SampleDataError(f"{len(grades)} grades for {cases} cases")
+    settings = _settings(cases, seed, real_ct, grades)
+    fresh = check_out_folder(out, settings)
+    files = planned_files(cases, real_ct)
+    missing = [f for f in files if not os.path.exists(os.path.join(out, f))]
+    if not fresh and not missing:
+        if progress:
+            print(f"{out} already holds these demo studies ({_describe(settings)}): nothing to write", file=sys.stderr)
+        return {"out": out, "cases": cases, "real_ct": real_ct, "seconds": 0.0, "written": 0, "kept": len(files)}
+
     from labelsentinel.models.degradations import degrade_case
 
-    if cases < 1:
-        raise ValueError("--cases must be at least 1")
     t0 = time.time()
     os.makedirs(os.path.join(out, "truth"), exist_ok=True)
+    if fresh:
+        with open(os.path.join(out, MANIFEST), "w") as f:
+            json.dump({**settings, "files": files}, f, indent=1)
+    written = []
+
+    def put(rel: str, write) -> None:
+        """Write ``rel`` with ``write(path)`` unless it exists (an existing file is never overwritten)."""
+        path = os.path.join(out, rel)
+        if os.path.exists(path):
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write(path)
+        written.append(rel)
+
     rng0 = np.random.default_rng(seed)
     if grades is None:
         grades = np.linspace(0.95, 0.1, cases)
         rng0.shuffle(grades)
-    elif len(grades) != cases:
-        raise ValueError(f"{len(grades)} grades for {cases} cases")
     # The cases with approved labels are the first ones; their pseudo-labels exist too (real correction pairs).
     quality_rows, case_rows = [], []
     aff = _affine()
@@ -197,11 +292,11 @@ def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, pro
         img, truth, meta = make_phantom(rng)
         q = float(grades[i])
         pseudo, dices = degrade_case(truth, SPACING, rng, quality=q, names=PHANTOM_LABELS)
-        save_nifti(os.path.join(out, f"{cid}.nii.gz"), img, aff)
-        save_nifti(os.path.join(out, "truth", f"{cid}.nii.gz"), truth, aff)
-        save_nifti(os.path.join(out, "labels", "original", f"{cid}.nii.gz"), pseudo.astype(np.uint8), aff)
+        put(f"{cid}.nii.gz", lambda p: save_nifti(p, img, aff))
+        put(f"truth/{cid}.nii.gz", lambda p: save_nifti(p, truth, aff))
+        put(f"labels/original/{cid}.nii.gz", lambda p: save_nifti(p, pseudo.astype(np.uint8), aff))
         if i < N_FINAL:
-            save_nifti(os.path.join(out, "labels", "final", f"{cid}.nii.gz"), truth, aff)
+            put(f"labels/final/{cid}.nii.gz", lambda p: save_nifti(p, truth, aff))
         for sid in sorted(dices):
             quality_rows.append([cid, sid, PHANTOM_LABELS.get(sid, str(sid)), f"{dices[sid]:.4f}"])
         sex = "F" if rng.uniform() < 0.5 else "M"
@@ -210,33 +305,62 @@ def generate(out: str, cases: int = 12, seed: int = 0, real_ct: bool = True, pro
         case_rows.append([cid, f"{q:.3f}", f"{mean_d:.4f}", sex, age, int(i < N_FINAL), int(meta["gallbladder_removed"])])
         if progress:
             print(f"[{i + 1}/{cases}] {cid}: grade {q:.2f}, mean true Dice of pseudo-label {mean_d:.3f}", file=sys.stderr)
-    _write_csv(os.path.join(out, "truth", "pseudo_label_quality.csv"), ["case", "label_id", "name", "true_dice"], quality_rows)
-    _write_csv(
-        os.path.join(out, "truth", "cases.csv"),
-        ["case", "grade", "mean_true_dice", "sex", "age", "has_final", "gallbladder_removed"],
-        case_rows,
-    )
+    put("truth/pseudo_label_quality.csv",
+        lambda p: _write_csv(p, ["case", "label_id", "name", "true_dice"], quality_rows))
+    put("truth/cases.csv", lambda p: _write_csv(
+        p, ["case", "grade", "mean_true_dice", "sex", "age", "has_final", "gallbladder_removed"], case_rows))
     names = dict(PHANTOM_LABELS)
     if real_ct:
         src = _REPO_SAMPLE
-        shutil.copyfile(os.path.join(src, "ct.nii.gz"), os.path.join(out, f"{REAL_CT_ID}.nii.gz"))
-        os.makedirs(os.path.join(out, "labels", "original"), exist_ok=True)
-        shutil.copyfile(os.path.join(src, "seg_fast.nii.gz"), os.path.join(out, "labels", "original", f"{REAL_CT_ID}.nii.gz"))
-        shutil.copyfile(os.path.join(src, "NOTICE"), os.path.join(out, f"NOTICE-{REAL_CT_ID}.txt"))
+        put(f"{REAL_CT_ID}.nii.gz", lambda p: shutil.copyfile(os.path.join(src, "ct.nii.gz"), p))
+        put(f"labels/original/{REAL_CT_ID}.nii.gz", lambda p: shutil.copyfile(os.path.join(src, "seg_fast.nii.gz"), p))
+        put(f"NOTICE-{REAL_CT_ID}.txt", lambda p: shutil.copyfile(os.path.join(src, "NOTICE"), p))
         with open(os.path.join(src, "label_names.json")) as f:
             names.update({int(k): v for k, v in json.load(f).items()})
-    with open(os.path.join(out, "label_names.json"), "w") as f:
-        json.dump({str(k): names[k] for k in sorted(names)}, f, indent=1)
-    summary = {"out": out, "cases": cases, "real_ct": real_ct, "seconds": round(time.time() - t0, 2)}
+
+    def write_names(p):
+        with open(p, "w") as f:
+            json.dump({str(k): names[k] for k in sorted(names)}, f, indent=1)
+
+    put("label_names.json", write_names)  # last: `make run` takes it as the sign of a complete folder
+    summary = {"out": out, "cases": cases, "real_ct": real_ct, "seconds": round(time.time() - t0, 2),
+               "written": len(written), "kept": len(files) - len(written)}
     if progress:
-        print(f"wrote {cases} phantom studies{' and the real CT' if real_ct else ''} to {out} in {summary['seconds']} s", file=sys.stderr)
+        what = f"{cases} phantom studies{' and the real CT' if real_ct else ''}"
+        if fresh:
+            print(f"wrote {what} to {out} in {summary['seconds']} s", file=sys.stderr)
+        else:
+            print(f"completed {what} in {out}: wrote {len(written)} missing file(s), kept {summary['kept']} "
+                  f"in {summary['seconds']} s", file=sys.stderr)
     return summary
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def cmd_sample_data(args) -> int:
+    try:
+        generate(args.out, args.cases, args.seed, not args.no_real_ct)
+    except SampleDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("sample-data", help="write demo studies (synthetic phantoms with known truth + the real CT)")
-    p.add_argument("--out", required=True, help="studies folder to write")
-    p.add_argument("--cases", type=int, default=12, help="number of synthetic cases (default 12)")
+    p.add_argument("--out", required=True,
+                   help="studies folder to write: new or empty (or written before with the same settings)")
+    p.add_argument("--cases", type=_positive_int, default=12, help="number of synthetic cases (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--no-real-ct", action="store_true", help="leave out the real CT study")
-    p.set_defaults(func=lambda a: generate(a.out, a.cases, a.seed, not a.no_real_ct) and 0)
+    p.set_defaults(func=cmd_sample_data)

@@ -7,9 +7,11 @@ child process, waits for ``/info/`` and prints the URLs for OHIF and 3D Slicer; 
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,9 +77,62 @@ def server_env(app: str) -> dict:
     return env
 
 
-def wait_for_info(url: str, timeout: float, proc: subprocess.Popen | None = None) -> dict | None:
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (in use, not allowed), or None when it can.
+
+    Binds a probe socket the way the server will (every address ``host`` resolves to, SO_REUSEADDR as uvicorn
+    sets it, so a port left in TIME_WAIT by a server just stopped counts as free) and closes it at once."""
+    if not 1 <= port <= 65535:
+        return f"port must be a number from 1 to 65535, got {port}"
+    try:
+        addrs = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"cannot resolve host {host!r} ({e})"
+    for family, type_, proto, _, addr in addrs:
+        try:
+            with socket.socket(family, type_, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+                s.listen(1)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use ({e.strerror or e}): another server listens "
+                        f"there; stop it or choose another port (--port, or `make run PORT=...`)")
+            return f"cannot listen on port {port} on {host} ({e.strerror or e})"
+    return None
+
+
+def _listens_on(proc: subprocess.Popen, port: int) -> bool | None:
+    """Whether ``proc`` (or a process it started) listens on ``port``; None when that cannot be told."""
+    try:
+        import psutil
+
+        root = psutil.Process(proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                conns = p.net_connections(kind="inet") if hasattr(p, "net_connections") else p.connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+                return True
+        return False
+    except Exception:  # psutil missing, or not allowed to read the process: rely on the checks before start
+        return None
+
+
+def wait_for_info(url: str, timeout: float, proc: subprocess.Popen | None = None, port: int | None = None) -> dict | None:
+    """The server's ``/info/`` once it answers, or None after ``timeout`` or as soon as ``proc`` has exited.
+
+    With ``proc``, an answer counts only while ``proc`` (or a process it started) is the one listening on
+    ``port`` (default: the URL's): another process answering there is not our server."""
+    from urllib.parse import urlsplit
+
     import requests
 
+    if proc is not None and port is None:
+        port = urlsplit(url).port
     t_end = time.time() + timeout
     while time.time() < t_end:
         if proc is not None and proc.poll() is not None:
@@ -85,8 +140,12 @@ def wait_for_info(url: str, timeout: float, proc: subprocess.Popen | None = None
         try:
             r = requests.get(f"{url}/info/", timeout=2)
             if r.status_code == 200:
-                return r.json()
-        except requests.RequestException:
+                info = r.json()
+                if proc is None:
+                    return info
+                if proc.poll() is None and (port is None or _listens_on(proc, port) is not False):
+                    return info
+        except (requests.RequestException, ValueError):
             pass
         time.sleep(0.5)
     return None
@@ -104,6 +163,10 @@ def serve(args) -> int:
     if not os.path.isdir(args.app):
         print(f"error: app folder {args.app} not found", file=sys.stderr)
         return 2
+    problem = port_problem(args.host, args.port)
+    if problem:  # before anything starts: the server would score the studies first and only then fail to listen
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cmd = server_command(args.app, args.studies, args.host, args.port, args.conf or [])
     print("starting:", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -118,10 +181,12 @@ def serve(args) -> int:
     proc = subprocess.Popen(cmd, env=server_env(args.app))
     try:
         url = f"http://{args.host}:{args.port}"
-        info = wait_for_info(url, args.wait, proc)
+        info = wait_for_info(url, args.wait, proc, args.port)
         if info is None:
             if proc.poll() is not None:
-                print(f"error: the server stopped (exit code {proc.returncode}); see its log above", file=sys.stderr)
+                why = port_problem(args.host, args.port)
+                why = f" ({why}; it was free when the server started)" if why and "in use" in why else ""
+                print(f"error: the server stopped (exit code {proc.returncode}){why}; see its log above", file=sys.stderr)
                 return proc.returncode or 1
             print(f"error: no answer from {url}/info/ after {args.wait:.0f} s", file=sys.stderr)
             proc.terminate()

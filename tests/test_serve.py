@@ -100,3 +100,145 @@ def test_lead_commands_say_what_is_wrong_without_a_traceback():
         r = subprocess.run([sys.executable, "-m", "labelsentinel.cli", *args, "--server", "http://127.0.0.1:9"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+class _FakeServer:
+    """A small HTTP server in a thread: answers GET/PUT from ``routes`` (path -> JSON) and records the requests."""
+
+    def __init__(self, routes: dict):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n)) if n else None
+                outer.requests.append((self.command, self.path, body))
+                got = routes.get((self.command, self.path))
+                data = json.dumps(got(body) if callable(got) else got).encode()
+                self.send_response(200 if got is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_port_in_use_is_a_clear_error_before_anything_starts(studies_copy, tmp_path):
+    """Another server on the port: no banner from the other server's answer, no server started (it used to
+    score the studies into its store first and then die with 'address already in use', rc 3, no error line)."""
+    def snapshot():
+        return {(os.path.relpath(os.path.join(root, f), studies_copy), os.stat(os.path.join(root, f)).st_mtime_ns)
+                for root, _, files in os.walk(studies_copy) for f in files}
+
+    before = snapshot()
+    other = _FakeServer({("GET", "/info/"): {"name": "someone else's server", "models": {}, "strategies": {}}})
+    try:
+        r = _serve("--studies", studies_copy, "--port", str(other.port), "--conf", "model_dir", str(tmp_path / "m"))
+    finally:
+        other.stop()
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"error: port {other.port} on 127.0.0.1 is already in use (" in r.stderr
+    assert "is up" not in r.stdout and "starting:" not in r.stdout and "Traceback" not in r.stderr
+    assert snapshot() == before  # nothing scored into the store, no datastore written
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_readiness_wait_takes_only_our_servers_answer(tmp_path):
+    """`serve` waits for /info/; an answer from another process on the port is not our server being up."""
+    import time
+
+    from conftest import free_port
+    from labelsentinel.serve import wait_for_info
+
+    other = _FakeServer({("GET", "/info/"): {"name": "other"}})
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # our server, still starting
+        try:
+            t0 = time.time()
+            assert wait_for_info(other.url, 3, child) is None  # the port is the URL's (as `run-dicom` calls it)
+            assert time.time() - t0 >= 2.5
+        finally:
+            child.kill()
+            child.wait()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(3)"])
+        t0 = time.time()
+        assert wait_for_info(other.url, 30, child, other.port) is None  # it died: stop waiting at once
+        assert time.time() - t0 < 10 and child.poll() == 3
+    finally:
+        other.stop()
+    # Our own child answering is accepted.
+    port = free_port()
+    code = ("import http.server, json\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        d = json.dumps({'name': 'ours'}).encode()\n"
+            "        self.send_response(200); self.send_header('Content-Length', str(len(d))); self.end_headers()\n"
+            "        self.wfile.write(d)\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert wait_for_info(f"http://127.0.0.1:{port}", 30, child, port) == {"name": "ours"}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _lead(*args):
+    return subprocess.run([sys.executable, "-m", "labelsentinel.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def _plan(budget_cases, budget_minutes):
+    return {"budget_cases": budget_cases, "budget_minutes": budget_minutes, "planned_minutes": 21.5,
+            "method": "exact dynamic programming", "dataset_dice_before": 0.8, "dataset_dice_after": 0.9,
+            "cases": [{"case_id": "case_001", "gain": 0.05, "minutes": 10.5},
+                      {"case_id": "case_002", "gain": 0.04, "minutes": 11.0}]}
+
+
+def test_plan_shows_only_the_limits_that_apply_and_both_when_both_are_set():
+    status = {"budget_cases": 6, "budget_minutes": None, "used_cases": 2, "used_minutes": 21.5, "planned_cases": 2,
+              "left_cases": 4, "left_minutes": None}
+    srv = _FakeServer({("GET", "/labelsentinel/budget"): {"plan": _plan(6, None), "status": status},
+                       ("PUT", "/labelsentinel/budget"): lambda body: _plan(body["cases"], body["minutes"])})
+    try:
+        r = _lead("plan", "--server", srv.url)
+        assert r.returncode == 0, r.stderr
+        assert "None" not in r.stdout and "left: 4 case(s)" in r.stdout and "budget 6 cases:" in r.stdout, r.stdout
+        r = _lead("plan", "--server", srv.url, "--minutes", "60", "--cases", "2")
+        assert r.returncode == 0, r.stderr
+        assert srv.requests[-1] == ("PUT", "/labelsentinel/budget", {"cases": 2, "minutes": 60.0})
+        assert "budget 2 cases and 60 minutes:" in r.stdout, r.stdout  # the plan keeps within both
+    finally:
+        srv.stop()
+
+
+def test_plan_refuses_an_unknown_cost_model_key_naming_the_known_ones():
+    srv = _FakeServer({("PUT", "/labelsentinel/budget"): lambda body: _plan(body["cases"], None)})
+    try:
+        for model, words in (('{"bogus": 1}', "unknown key(s) 'bogus'"), ("[1, 2]", "must be a JSON object"),
+                             ('{"base_minutes": -1}', "base_minutes must be a finite number")):
+            r = _lead("plan", "--server", srv.url, "--cases", "2", "--cost-model", model)
+            assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (model, r.stderr)
+            assert "base_minutes" in r.stderr
+        assert not srv.requests  # refused before anything was sent
+        r = _lead("plan", "--server", srv.url, "--cases", "2", "--cost-model", '{"base_minutes": 3}')
+        assert r.returncode == 0 and srv.requests[-1][2]["cost_model"] == {"base_minutes": 3}, r.stderr
+    finally:
+        srv.stop()
