@@ -178,7 +178,9 @@ def serve(args) -> int:
     # the MONAI Label process outlived us and kept the port.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
-    proc = subprocess.Popen(cmd, env=server_env(args.app))
+    # Its own process group: MONAI Label runs scoring and training as subprocesses (and starts queued ones even
+    # while it shuts down); stopping the group stops them too instead of leaving them running without a server.
+    proc = subprocess.Popen(cmd, env=server_env(args.app), start_new_session=True)
     try:
         url = f"http://{args.host}:{args.port}"
         info = wait_for_info(url, args.wait, proc, args.port)
@@ -202,12 +204,32 @@ def serve(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop the server as Ctrl-C does (SIGINT, ``grace`` seconds), then whatever is left of its process group
+    (background scoring or training, a task MONAI Label started while shutting down): SIGTERM, then SIGKILL."""
+
+    def signal_group(sig) -> bool:
+        try:
+            os.killpg(proc.pid, sig)
+            return True
+        except ProcessLookupError:  # no process left in the group
+            return False
+
+    if proc.poll() is None:
+        signal_group(signal.SIGINT)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            signal_group(signal.SIGKILL)
+            proc.wait()
+    if signal_group(signal.SIGTERM):
+        t_end = time.time() + 5
+        while time.time() < t_end and signal_group(0):
+            time.sleep(0.2)
+        signal_group(signal.SIGKILL)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

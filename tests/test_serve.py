@@ -45,12 +45,18 @@ def test_server_on_empty_folder_starts_and_says_why_nothing_is_served(tmp_path):
 
 
 @pytest.mark.server
-def test_kill_of_serve_stops_the_server_and_frees_the_port(tmp_path, sample_studies):
+def test_kill_of_serve_stops_the_server_and_frees_the_port(tmp_path, studies_copy):
     """`make run` is `labelsentinel serve`: a plain kill (SIGTERM) of it stops the MONAI Label server it
-    started, as Ctrl-C does (the server used to outlive it and keep the port)."""
+    started, as Ctrl-C does (the server used to outlive it and keep the port), and the background task the
+    server was running (here a training run; scoring and estimator fine-tuning run the same way), which used
+    to go on without a server."""
     import signal
     import socket
     import time
+
+    import psutil
+
+    sample_studies = studies_copy
 
     from conftest import REPO, free_port
 
@@ -68,8 +74,20 @@ def test_kill_of_serve_stops_the_server_and_frees_the_port(tmp_path, sample_stud
                 time.sleep(0.5)
         else:
             pytest.fail("server did not start")
+        r = requests.post(f"http://127.0.0.1:{port}/train/segmentation", json={"max_epochs": 500, "val_split": 0},
+                          timeout=30)
+        assert r.status_code == 200, r.text
+        t_end = time.time() + 60
+        tasks = []
+        while time.time() < t_end and not tasks:
+            tasks = [c for c in psutil.Process(p.pid).children(recursive=True)
+                     if "monailabel.interfaces.utils.app" in " ".join(c.cmdline())]
+            time.sleep(0.5)
+        assert tasks, "the training task did not start"
         p.send_signal(signal.SIGTERM)
         p.wait(60)
+        gone, alive = psutil.wait_procs(tasks, timeout=30)
+        assert not alive, f"background task(s) still running after serve stopped: {[a.cmdline() for a in alive]}"
         t_end = time.time() + 30
         while time.time() < t_end:
             with socket.socket() as s:
