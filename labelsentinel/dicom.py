@@ -436,7 +436,7 @@ def run_dicom(args) -> int:
 
     from labelsentinel.importlabels import import_labels
     from labelsentinel.orthanc import Orthanc, OrthancError, ensure_orthanc_installed
-    from labelsentinel.serve import server_command, server_env, wait_for_info
+    from labelsentinel.serve import port_problem, server_command, server_env, stop_group, wait_for_info
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -447,6 +447,10 @@ def run_dicom(args) -> int:
     if not studies_images(args.studies):
         print(f"error: no NIfTI images in {args.studies!r} (create demo studies with `labelsentinel sample-data "
               f"--out {args.studies}`)", file=sys.stderr)
+        return 2
+    problem = port_problem(args.host, args.port)
+    if problem:  # before Orthanc starts and the studies are loaded into it
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         ensure_orthanc_installed()
@@ -474,8 +478,8 @@ def run_dicom(args) -> int:
             conf.append(["label_names", os.path.abspath(names)])
         cmd = server_command(args.app, pacs.dicomweb_url, args.host, args.port, conf)
         print("starting:", " ".join(cmd), flush=True)
-        proc = subprocess.Popen(cmd, env=env)
-        info = wait_for_info(url, args.wait, proc)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # stopped as a group (see serve.stop_group)
+        info = wait_for_info(url, args.wait, proc, args.port)
         if info is None:
             print("error: the server did not start (see its log above)", file=sys.stderr)
             return 1
@@ -498,12 +502,8 @@ def run_dicom(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is not None:
+            stop_group(proc)
         pacs.stop(remove=args.orthanc_dir is None)
 
 

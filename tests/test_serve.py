@@ -178,6 +178,19 @@ def test_port_in_use_is_a_clear_error_before_anything_starts(studies_copy, tmp_p
     assert snapshot() == before  # nothing scored into the store, no datastore written
     assert not os.path.exists(tmp_path / "m")
 
+    # `make run-dicom` too: refused before Orthanc is started and the studies are loaded into it
+    other = _FakeServer({("GET", "/info/"): {"name": "someone else's server", "models": {}, "strategies": {}}})
+    try:
+        from conftest import REPO
+
+        r = subprocess.run([sys.executable, "-m", "labelsentinel.cli", "run-dicom", "--studies", studies_copy,
+                            "--port", str(other.port), "--orthanc-dir", str(tmp_path / "orthanc")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    finally:
+        other.stop()
+    assert r.returncode == 2 and f"error: port {other.port} on 127.0.0.1 is already in use (" in r.stderr, r.stderr
+    assert "Orthanc" not in r.stdout and not os.path.exists(tmp_path / "orthanc")
+
 
 def test_readiness_wait_takes_only_our_servers_answer(tmp_path):
     """`serve` waits for /info/; an answer from another process on the port is not our server being up."""
