@@ -16,6 +16,7 @@ import html
 import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -26,22 +27,52 @@ class ServerError(Exception):
     pass
 
 
+def _body(r) -> str:
+    """What an error answer says: FastAPI's ``detail``, else the text (an HTML page by its title only)."""
+    try:
+        detail = r.json().get("detail")
+        if detail:
+            return detail if isinstance(detail, str) else json.dumps(detail)[:300]
+    except (ValueError, AttributeError):
+        pass
+    text = r.text or ""
+    if "<html" in text[:500].lower():
+        m = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+        return f"an HTML page{f' ({m.group(1).strip()[:80]})' if m else ''}"
+    return text[:300]
+
+
+def _answer(r, server: str, what: str, ok=(200,)):
+    """The JSON of a good answer; a ServerError that says what went wrong otherwise."""
+    if r.status_code == 404 and what.startswith("/labelsentinel/"):
+        raise ServerError(f"{server} answers, but has no Label Sentinel routes ({what}: HTTP 404): is it a MONAI "
+                          "Label server running another app? Start it with --app apps/sentinel (or `make run`)")
+    if r.status_code not in ok:
+        raise ServerError(f"{what}: HTTP {r.status_code}: {_body(r)}")
+    try:
+        return r.json()
+    except ValueError:
+        raise ServerError(f"{what}: {server} did not answer JSON (content type "
+                          f"{r.headers.get('content-type', 'none')!r}): is it a Label Sentinel server?") from None
+
+
 def _get(server: str, path: str, **kw):
     try:
         r = requests.get(server.rstrip("/") + path, timeout=60, **kw)
     except requests.RequestException as e:
         raise ServerError(f"cannot reach {server}: {e}") from e
-    if r.status_code != 200:
-        raise ServerError(f"{path}: HTTP {r.status_code}: {r.text[:300]}")
-    return r.json()
+    return _answer(r, server, path)
 
 
 def run_scoring(server: str, timeout: float = 3600, out=sys.stderr) -> dict:
     """Start quality scoring (or join the one running) and wait for it, printing progress."""
     base = server.rstrip("/")
     r = requests.post(f"{base}/scoring/quality", timeout=60)
+    if r.status_code == 404:
+        raise ServerError(f"{server} has no quality scoring (/scoring/quality: HTTP 404): is it a MONAI Label server "
+                          "running another app? Start it with --app apps/sentinel (or `make run`)")
     if r.status_code not in (200, 429):
-        raise ServerError(f"/scoring/quality: HTTP {r.status_code}: {r.text[:300]}")
+        raise ServerError(f"/scoring/quality: HTTP {r.status_code}: {_body(r)}")
     t0, last = time.time(), ""
     while time.time() - t0 < timeout:
         st = _get(server, "/scoring/")
@@ -243,9 +274,7 @@ def cmd_plan(args) -> int:
     if args.score:
         run_scoring(args.server)
     r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
-    if r.status_code != 200:
-        raise ServerError(f"setting the budget: HTTP {r.status_code}: {r.text[:300]}")
-    plan = r.json()
+    plan = _answer(r, args.server, "/labelsentinel/budget")
     print(json.dumps(plan, indent=1) if args.json else "", end="")
     if not args.json:
         _print_plan(plan)
@@ -430,6 +459,8 @@ def groups_html(rows: list[dict], method: str) -> str:
 
 
 def cmd_report(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ServerError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     if args.score:
         run_scoring(args.server)
     q = _get(args.server, "/labelsentinel/quality")

@@ -273,3 +273,50 @@ def test_plan_refuses_an_unknown_cost_model_key_naming_the_known_ones():
         assert r.returncode == 0 and srv.requests[-1][2]["cost_model"] == {"base_minutes": 3}, r.stderr
     finally:
         srv.stop()
+
+
+def test_lead_commands_against_a_server_that_is_not_label_sentinel(tmp_path):
+    """A MONAI Label server running another app (no /labelsentinel routes), a web server answering HTML, and a
+    report folder that is a file: each is an `error:` line saying what is wrong, not a raw page or a traceback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "labelsentinel.cli", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    other_app = _FakeServer({("GET", "/info/"): {"name": "radiology", "models": {}, "strategies": {}}})
+    try:
+        for args in (("status",), ("plan",), ("report", "--out", str(tmp_path / "r"))):
+            r = cli(*args, "--server", other_app.url)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+            assert "has no Label Sentinel routes" in r.stderr and "--app apps/sentinel" in r.stderr, (args, r.stderr)
+    finally:
+        other_app.stop()
+
+    class Html(BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = b"<html><head><title>Welcome to nginx!</title></head><body>" + b"x" * 2000 + b"</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = cli("status", "--server", f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert r.returncode == 2 and "did not answer JSON (content type 'text/html')" in r.stderr, r.stderr
+    assert "xxxx" not in r.stderr and "Traceback" not in r.stderr
+
+    (tmp_path / "afile").write_text("keep me")
+    r = cli("report", "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "afile"))
+    assert r.returncode == 2 and "is a file; give a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"
