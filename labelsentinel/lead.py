@@ -142,6 +142,10 @@ def _training_summary(q: dict) -> dict:
             "last_pseudo_labels": [{"case": p["case"], "quality": p.get("quality"), "reason": p.get("reason")}
                                    for p in last.get("pseudo_labels") or []],
             "last_refurbished": [r["case"] for r in last.get("refurbished") or []],
+            # runs recorded before the trainer wrote how they ended have no status
+            "last_status": last.get("status"), "last_error": last.get("error"),
+            "last_refused": [{"case": r.get("case"), "source": r.get("source"), "error": r.get("error")}
+                             for r in last.get("refused") or []],
             "suspect_final_labels": t.get("suspects", [])}
 
 
@@ -150,8 +154,16 @@ def _training_text(t: dict) -> str:
         return "no training run yet"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["last_ts"])) if t["last_ts"] else "?"
     pl = ", ".join(p["case"] for p in t["last_pseudo_labels"]) or "none"
-    out = (f"{t['runs']} run(s); last at {when} on {t['last_device']}: {t['last_final_labels']} final label(s), "
-           f"pseudo-labels used: {pl}")
+    if t.get("last_status") == "failed":
+        out = f"{t['runs']} run(s); last at {when} on {t['last_device']} FAILED: {t.get('last_error')}"
+    else:
+        out = (f"{t['runs']} run(s); last at {when} on {t['last_device']}"
+               f"{' (still running)' if t.get('last_status') == 'running' else ''}: "
+               f"{t['last_final_labels']} final label(s), pseudo-labels used: {pl}")
+    refused = t.get("last_refused") or []
+    if refused:
+        out += (f"; skipped {len(refused)} unusable pair(s): "
+                + ", ".join(f"{r['case']} ({r['source']}: {str(r['error'])[:120]})" for r in refused))
     if t["last_refurbished"]:
         out += f"; refurbished: {', '.join(t['last_refurbished'])}"
     sus = t["suspect_final_labels"]

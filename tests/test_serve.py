@@ -320,3 +320,19 @@ def test_lead_commands_against_a_server_that_is_not_label_sentinel(tmp_path):
     r = cli("report", "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "afile"))
     assert r.returncode == 2 and "is a file; give a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_lead_status_says_when_the_last_training_run_failed_or_skipped_pairs():
+    from labelsentinel.lead import _training_summary, _training_text
+
+    run = {"ts": 1.7e9, "device": "cpu", "finals": 3, "pseudo_labels": [], "refurbished": [], "status": "failed",
+           "error": "RuntimeError: no usable final labels to train on",
+           "refused": [{"case": "case_003", "source": "final", "error": "EOFError: Compressed file ended"}]}
+    text = _training_text(_training_summary({"training": {"runs": 2, "last": run, "suspects": []}}))
+    assert "FAILED: RuntimeError: no usable final labels to train on" in text and "3 final label(s)" not in text
+    assert "skipped 1 unusable pair(s): case_003 (final: EOFError: Compressed file ended)" in text
+    run.update(status="finished", error=None, refused=[])
+    text = _training_text(_training_summary({"training": {"runs": 2, "last": run, "suspects": []}}))
+    assert "FAILED" not in text and "3 final label(s)" in text and "skipped" not in text
+    del run["status"]  # a run recorded before runs said how they ended
+    assert "3 final label(s)" in _training_text(_training_summary({"training": {"runs": 1, "last": run}}))

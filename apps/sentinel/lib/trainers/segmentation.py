@@ -5,7 +5,9 @@ Trains on ``final`` labels plus the pseudo-labels the quality estimator trusts (
 used and why, gathers per-sample training signals of the final labels (variance of gradients and loss, see
 ``labelsentinel.strategies.label_errors``) and, when ``refurbish`` is on, trains on the model's prediction
 instead of a final label flagged by the previous run (saved under the ``refurbished`` tag; the human label is
-never touched). CUDA with mixed precision when a GPU is present, CPU otherwise.
+never touched). CUDA with mixed precision when a GPU is present, CPU otherwise. Every pair a run would use is
+checked in full first (``check_pairs``); unusable ones are skipped with the reason. The run's record says
+whether it finished or failed.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from monai.transforms import (
 )
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.infers.segmentation import HU_WINDOW, header_shape
+from lib.infers.segmentation import HU_WINDOW
 from lib.transforms import LabelIdsToChannelsd
 from labelsentinel.io import VolumeError
 from labelsentinel.strategies.corrections import load_calibration
@@ -47,20 +49,151 @@ from labelsentinel.strategies.pseudolabels import DEFAULTS as PSEUDO, RULES, sel
 logger = logging.getLogger(__name__)
 
 
-def check_pairs(datalist: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Split a datalist into usable pairs and refused ones (unreadable, or label shape != image shape)."""
+# ---- checks of the files a run trains on --------------------------------------------------------------
+# MONAI Label reads every file again at each epoch: a truncated or empty file, or a label with non-integer
+# values, used to fail the whole run mid-training. Each pair is read in full once per file version (size,
+# modification time, inode, change time) and the result cached in MODEL_DIR/segmentation/train_checked.json,
+# so a large CT is decompressed once, not at every run.
+GRID_TOLERANCE = 0.1  # largest distance between the image's and the label's voxel grids, in voxels
+
+
+def _read_volume(path: str, role: str) -> dict:
+    """Read ``path`` in full with MONAI's loader (the one training uses) and check it as an ``image`` (3D,
+    finite) or a ``label`` (3D, integer ids >= 0). Returns {"shape", "affine"}; raises VolumeError."""
+    import numpy as np
+    from monai.transforms import LoadImage
+
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise VolumeError(f"{path}: cannot be read (empty file, 0 bytes)")
+    try:
+        arr, meta = LoadImage(image_only=False, dtype=None)(path)
+    except Exception as e:  # truncated gzip (EOFError), garbage, unsupported format
+        cause = e
+        while cause.__cause__ is not None:  # MONAI wraps the reader's error in RuntimeErrors
+            cause = cause.__cause__
+        raise VolumeError(f"{path}: cannot be read ({type(cause).__name__}: {str(cause)[:300]})") from e
+    a = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr)
+    shape = [int(x) for x in meta.get("spatial_shape", a.shape)]
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) != 3 or a.size != int(np.prod(shape)):
+        raise VolumeError(f"{path}: expected a 3D volume, got shape {tuple(a.shape)}")
+    if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            raise VolumeError(f"{path}: {role} contains {int((~finite).sum())} NaN or infinite voxel(s)")
+        if role == "label":
+            frac = a != np.round(a)
+            if frac.any():
+                raise VolumeError(f"{path}: label values must be integer ids, found {int(frac.sum())} voxel(s) "
+                                  f"with non-integer values such as {float(a[frac].flat[0]):g}")
+    elif not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        raise VolumeError(f"{path}: {role} has unsupported voxel type {a.dtype}")
+    if role == "label" and a.size and a.min() < 0:
+        raise VolumeError(f"{path}: label values must be >= 0, found {a.min():g}")
+    affine = meta.get("affine")
+    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
+    return {"shape": shape, "affine": affine.tolist()}
+
+
+class FileChecks:
+    """The result of ``_read_volume`` per file version, kept in a JSON file (None: not kept)."""
+
+    def __init__(self, path: str | None = None):
+        self.path, self.entries, self.changed = path, {}, False
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError) as e:
+                logger.warning(f"training file checks: {path} unreadable ({e}), checking every file again")
+
+    def check(self, path: str, role: str) -> dict:
+        """{"shape", "affine"} of a usable file; raises VolumeError with the reason otherwise."""
+        from labelsentinel.store import file_stamp
+
+        try:
+            stamp = file_stamp(path)
+        except OSError:
+            raise VolumeError(f"{path}: file not found")
+        key = f"{role}:{os.path.abspath(path)}"
+        hit = self.entries.get(key)
+        if not hit or hit.get("stamp") != stamp:
+            try:
+                hit = {"stamp": stamp, **_read_volume(path, role)}
+            except VolumeError as e:
+                hit = {"stamp": stamp, "error": str(e)}
+            self.entries[key], self.changed = hit, True
+        if hit.get("error"):
+            raise VolumeError(hit["error"])
+        return hit
+
+    def save(self) -> None:
+        if not self.path or not self.changed:
+            return
+        # forget files that are gone (renamed, deleted): the cache stays the size of the datastore
+        self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k.split(":", 1)[1])}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+            self.changed = False
+        except OSError as e:
+            logger.warning(f"training file checks not saved to {self.path}: {e}")
+
+
+def _grid_problem(img: dict, lab: dict) -> str | None:
+    import numpy as np
+
+    si, sl = tuple(img["shape"]), tuple(lab["shape"])
+    if si != sl:
+        return f"label shape {sl} does not match image shape {si}"
+    ai, al = np.asarray(img["affine"]), np.asarray(lab["affine"])
+    corners = np.array([[x, y, z, 1.0] for x in (0, si[0] - 1) for y in (0, si[1] - 1) for z in (0, si[2] - 1)]).T
+    dist = float(np.linalg.norm((ai @ corners - al @ corners)[:3], axis=0).max())
+    voxel = float(np.linalg.norm(ai[:3, :3], axis=0).min()) or 1.0
+    if not np.isfinite(dist) or dist > GRID_TOLERANCE * voxel:
+        def geo(a):
+            sp = np.linalg.norm(a[:3, :3], axis=0)
+            return (f"spacing ({', '.join(f'{s:.4g}' for s in sp)}) mm, origin ({', '.join(f'{o:.4g}' for o in a[:3, 3])}), "
+                    f"directions {np.round(a[:3, :3] / np.where(sp == 0, 1, sp), 4).tolist()}")
+
+        return (f"label and image are on different grids (shape {si}; voxels up to {dist:.3g} mm apart): "
+                f"image {geo(ai)}; label {geo(al)}")
+    return None
+
+
+def check_pairs(datalist: list[dict], cache_path: str | None = None, source: str | None = None,
+                checks: FileChecks | None = None) -> tuple[list[dict], list[dict]]:
+    """Split a datalist into usable pairs and refused ones, with the reason. Usable: both files read in full,
+    the image 3D and finite, the label integer ids >= 0, both on the same voxel grid (shape, and positions
+    within ``GRID_TOLERANCE`` of a voxel). Each file version is read once (``checks``, or a cache kept in
+    ``cache_path``)."""
+    own = checks is None
+    checks = checks if checks is not None else FileChecks(cache_path)
     good, refused = [], []
     for d in datalist:
         try:
-            si, sl = header_shape(d["image"]), header_shape(d["label"])
-            if si is not None and sl is not None and si != sl:
-                raise VolumeError(
-                    f"label shape {sl} does not match image shape {si} (image {d['image']}, label {d['label']})"
-                )
+            img = checks.check(d["image"], "image")
+            lab = checks.check(d["label"], "label")
+            problem = _grid_problem(img, lab)
+            if problem:
+                raise VolumeError(f"{problem} (image {d['image']}, label {d['label']})")
             good.append(d)
         except VolumeError as e:
-            logger.error(f"training skips a pair: {e}")
-            refused.append({"image": d["image"], "label": d["label"], "error": str(e)})
+            logger.error(f"training skips a pair{f' ({source})' if source else ''}: {e}")
+            r = {"image": d["image"], "label": d["label"], "error": str(e)}
+            if source or d.get("source"):
+                r["source"] = source or d.get("source")
+            if d.get("case"):
+                r["case"] = d["case"]
+            refused.append(r)
+    if own:
+        checks.save()
     return good, refused
 
 
@@ -277,48 +410,95 @@ class Segmentation(BasicTrainTask):
         # and a panel sends "5")
         request.update(values)
 
-    def pre_process(self, request, datastore):
-        self.check_options(request)
-        good, refused = check_pairs(datastore.datalist())
-        report = os.path.join(self._model_dir, "train_refused.json")
+    def __call__(self, request, datastore):
+        """MONAI Label's run, and its record (store ``training_runs``, ``train_data.json``) written when it ends:
+        ``status`` finished, or failed with the ``error`` (a failure in the data checks, the options or
+        training itself). A run killed from outside (DELETE /train) leaves no record."""
+        self._run = None
+        try:
+            result = super().__call__(request, datastore)
+        except BaseException as e:
+            self._end_run("failed", e)
+            raise
+        self._end_run("finished", result=result)
+        return result
+
+    def _end_run(self, status: str, error: BaseException | None = None, result=None) -> None:
+        run = self._run if self._run is not None else {"run_id": None, "ts": time.time()}
+        run.update(status=status, ended=time.time(), seconds=round(time.time() - run["ts"], 1), error=None)
+        if error is not None:
+            run["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
+            cause = error.__cause__ or error.__context__
+            while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:  # MONAI wraps the real error in "applying transform ..." RuntimeErrors
+                run["error"] += f" (cause: {type(cause).__name__}: {str(cause)[:500]})"
+        if isinstance(result, dict) and result.get("best_metric") is not None:
+            run["best_metric"] = result["best_metric"]
+        try:
+            os.makedirs(self._model_dir, exist_ok=True)
+            with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
+                json.dump(run, f, indent=1)
+            if self.sentinel:
+                store = self.sentinel["store"]()
+                runs = store.get_setting("training_runs", []) or []
+                store.set_setting("training_runs", (runs + [run])[-50:])
+        except Exception as e:  # never hides the run's own error
+            logger.error(f"training run record not written: {e}")
+        logger.info(f"training run {run.get('run_id')} {status}" + (f": {run['error']}" if run.get("error") else ""))
+
+    def _write_refused(self, run: dict) -> None:
         os.makedirs(self._model_dir, exist_ok=True)
-        with open(report, "w") as f:
-            json.dump({"ts": int(time.time()), "refused": refused}, f, indent=1)
-        if not good:
-            msg = "no usable final labels to train on"
-            if refused:
-                msg += f"; refused: {'; '.join(r['error'] for r in refused)}"
-            raise ValueError(msg)
-        for d in good:
-            d.update(weight=1.0, source="final", case=_case_id(datastore, d["image"]))
+        with open(os.path.join(self._model_dir, "train_refused.json"), "w") as f:
+            json.dump({"ts": int(time.time()), "run_id": run.get("run_id"), "refused": run["refused"]}, f, indent=1)
+
+    def pre_process(self, request, datastore):
+        # the run's record, completed below and written when the run ends (``__call__``)
+        self._run = run = {"run_id": request.get("run_id"), "ts": time.time(), "status": "running", "finals": 0,
+                           "pseudo_labels": [], "refurbished": [], "refused": []}
+        self.check_options(request)
         # the device BasicTrainTask will pick (single GPU): the requested device when CUDA is there, else CPU;
         # mixed precision only on CUDA (a request for the CPU on a GPU server trains in full precision)
         device = str(request.get("device") or "cuda") if torch.cuda.is_available() else "cpu"
         self._amp = device.startswith("cuda")
-        run = {"run_id": request.get("run_id"), "ts": time.time(), "device": device,
-               "amp": self._amp, "finals": len(good), "pseudo_labels": [],
-               "refurbished": [], "options": {k: _opt(request, k, v) for k, v in self._config.items()
-                                              if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))}}
-        if self.sentinel:
-            if _opt(request, "refurbish", False):
-                run["refurbished"] = self._refurbish(request, datastore, good)
-            pseudo = self._pseudo_labels(request, datastore)
-            run["pseudo_labels"] = pseudo
-            for p in pseudo:
-                good.append({"image": p["image"], "label": p["label"], "weight": p["weight"], "source": "pseudo",
-                             "case": p["case"]})
-            store = self.sentinel["store"]()
-            runs = store.get_setting("training_runs", [])
-            store.set_setting("training_runs", (runs + [run])[-50:])
+        run.update(device=device, amp=self._amp,
+                   options={k: _opt(request, k, v) for k, v in self._config.items()
+                            if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))})
+        checks = FileChecks(os.path.join(self._model_dir, "train_checked.json"))
+        try:
+            good, refused = check_pairs(datastore.datalist(), source="final", checks=checks)
+            for r in refused:
+                r.setdefault("case", _case_id(datastore, r["image"]))
+            run["refused"] = refused
+            if not good:
+                self._write_refused(run)
+                msg = "no usable final labels to train on"
+                if refused:
+                    msg += f"; refused: {'; '.join(r['error'] for r in refused)}"
+                raise ValueError(msg)
+            for d in good:
+                d.update(weight=1.0, source="final", case=_case_id(datastore, d["image"]))
+            run["finals"] = len(good)
+            if self.sentinel:
+                if _opt(request, "refurbish", False):
+                    run["refurbished"] = self._refurbish(request, datastore, good, checks)
+                pseudo = self._pseudo_labels(request, datastore, checks, refused)
+                run["pseudo_labels"] = pseudo
+                for p in pseudo:
+                    good.append({"image": p["image"], "label": p["label"], "weight": p["weight"], "source": "pseudo",
+                                 "case": p["case"]})
+        finally:
+            checks.save()
+        self._write_refused(run)
         with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
             json.dump(run, f, indent=1)
         logger.info(f"training data: {run['finals']} final labels, {len(run['pseudo_labels'])} pseudo-labels, "
-                    f"{len(run['refurbished'])} refurbished; on {device}"
+                    f"{len(run['refurbished'])} refurbished, {len(run['refused'])} pair(s) skipped; on {device}"
                     f"{' with mixed precision' if run['amp'] else ''}")
-        self._run = run
         return good
 
-    def _pseudo_labels(self, request, datastore) -> list[dict]:
+    def _pseudo_labels(self, request, datastore, checks: FileChecks | None = None,
+                       refused: list | None = None) -> list[dict]:
         rule = _opt(request, "pseudo_labels", PSEUDO["rule"])
         if rule == "none":
             return []
@@ -339,10 +519,12 @@ class Segmentation(BasicTrainTask):
                 continue
             out.append({**c, "image": datastore.get_image_uri(c["case"]),
                         "label": datastore.get_label_uri(labels[c["tag"]], c["tag"])})
-        good, refused = check_pairs(out)
+        good, bad = check_pairs(out, source="pseudo", checks=checks)
+        if refused is not None:
+            refused.extend(bad)
         return good
 
-    def _refurbish(self, request, datastore, finals: list[dict]) -> list[dict]:
+    def _refurbish(self, request, datastore, finals: list[dict], checks: FileChecks | None = None) -> list[dict]:
         """Swap flagged final labels (previous run's signals) for the current model's prediction. A final label
         saved again since those signals (an annotator reviewed it, as the review strategy counts it) is the
         annotator's word and is trained on as it is."""
@@ -365,6 +547,9 @@ class Segmentation(BasicTrainTask):
                 label_id = datastore.save_label(cid, path, tag, {"source": "refurbishment", "signal": by,
                                                                  "score": flagged[cid]})
                 new = datastore.get_label_uri(label_id, tag)
+                _, bad = check_pairs([{"image": d["image"], "label": new}], source="refurbished", checks=checks)
+                if bad:
+                    raise VolumeError(bad[0]["error"])
                 done.append({"case": cid, "final": d["label"], "refurbished": new, by: flagged[cid]})
                 d.update(label=new, source="refurbished")
             except Exception as e:  # a failed refurbishment keeps the human label
