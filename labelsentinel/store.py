@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS quality (
 CREATE TABLE IF NOT EXISTS leases (
     case_id TEXT PRIMARY KEY,
     client_id TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    strategy TEXT
 );
 CREATE TABLE IF NOT EXISTS skips (
     case_id TEXT NOT NULL,
@@ -95,6 +96,17 @@ class Store:
         self._local = threading.local()
         self._quality_cache: dict = {}
         self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since a store was created (an older ``sentinel.db`` keeps its rows)."""
+        c = self._conn()
+        if "strategy" not in {r[1] for r in c.execute("PRAGMA table_info(leases)")}:
+            try:
+                c.execute("ALTER TABLE leases ADD COLUMN strategy TEXT")
+            except sqlite3.OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -159,6 +171,16 @@ class Store:
             else:
                 c.execute("DELETE FROM quality WHERE image_id=? AND tag=?", (image_id, tag))
 
+    def prune_quality(self, present) -> list[str]:
+        """Remove the records of (image, tag) pairs not in ``present`` (the pairs the datastore has now: an image or
+        a label deleted since it was scored). Returns the removed pairs as ``image/tag``. ``present`` must come from
+        a successful listing of the datastore: never call this on a failed or partial one."""
+        keep = {(str(i), str(t)) for i, t in present}
+        with self._tx() as c:
+            stale = [(i, t) for i, t in c.execute("SELECT image_id, tag FROM quality") if (i, t) not in keep]
+            c.executemany("DELETE FROM quality WHERE image_id=? AND tag=?", stale)
+        return [f"{i}/{t}" for i, t in stale]
+
     # settings (e.g. a budget a project lead changes while the server runs) -----------------------------
     def set_setting(self, key: str, value) -> None:
         with self._tx() as c:
@@ -179,6 +201,14 @@ class Store:
                 [(image_id, tag, int(r["id"]), r.get("name"), r.get("predicted"), float(r["true_dice"]),
                   r.get("estimator_version"), stamp, now) for r in rows],
             )
+
+    def remove_corrections(self, image_id: str, tag: str | None = None) -> int:
+        """Drop the real pairs of one image (one pseudo-label tag, or all): its final label is gone or replaced by
+        one that cannot be read, so they no longer describe a correction. Returns the number of rows removed."""
+        with self._tx() as c:
+            if tag is None:
+                return c.execute("DELETE FROM corrections WHERE image_id=?", (image_id,)).rowcount
+            return c.execute("DELETE FROM corrections WHERE image_id=? AND tag=?", (image_id, tag)).rowcount
 
     def correction_stamp(self, image_id: str, tag: str) -> str | None:
         row = self._conn().execute("SELECT stamp FROM corrections WHERE image_id=? AND tag=? LIMIT 1",
@@ -206,13 +236,16 @@ class Store:
         return {r[0]: {**json.loads(r[2]), "run_id": r[1], "ts": r[3]} for r in rows}
 
     # leases: a case served to one annotator is not served to another until it expires -----------------
-    def acquire_lease(self, case_id: str, client_id: str, ttl: float, now: float | None = None) -> bool:
+    def acquire_lease(self, case_id: str, client_id: str, ttl: float, now: float | None = None,
+                      strategy: str | None = None) -> bool:
+        """``strategy``: the strategy that served the case (the budget counts only the cases it served itself)."""
         now = time.time() if now is None else now
         with self._tx() as c:
             row = c.execute("SELECT client_id, expires FROM leases WHERE case_id=?", (case_id,)).fetchone()
             if row and row[1] > now and row[0] != client_id:
                 return False
-            c.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (case_id, client_id, now + ttl))
+            c.execute("INSERT OR REPLACE INTO leases (case_id, client_id, expires, strategy) VALUES (?, ?, ?, ?)",
+                      (case_id, client_id, now + ttl, strategy))
             return True
 
     def release_lease(self, case_id: str, client_id: str | None = None) -> None:
@@ -245,5 +278,5 @@ class Store:
 
     def leases(self, now: float | None = None) -> dict[str, dict]:
         now = time.time() if now is None else now
-        rows = self._conn().execute("SELECT case_id, client_id, expires FROM leases WHERE expires > ?", (now,))
-        return {r[0]: {"client_id": r[1], "expires": r[2]} for r in rows}
+        rows = self._conn().execute("SELECT case_id, client_id, expires, strategy FROM leases WHERE expires > ?", (now,))
+        return {r[0]: {"client_id": r[1], "expires": r[2], "strategy": r[3]} for r in rows}

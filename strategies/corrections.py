@@ -124,9 +124,18 @@ def calibrate_records(records: list[dict], cal_for_version) -> list[dict]:
     return out
 
 
+def _recorded_final_stamp(store: Store, image_id: str, tag: str) -> str | None:
+    stamp = store.correction_stamp(image_id, tag)
+    return stamp.split("|")[1] if stamp and stamp.count("|") >= 1 else None
+
+
 def collect_corrections(pairs, store: Store, names=None) -> dict:
-    """``pairs``: iterable of (image_id, tag, pseudo_path, final_path). Returns counts and errors."""
-    done, skipped, errors = 0, 0, {}
+    """``pairs``: iterable of (image_id, tag, pseudo_path, final_path). Returns counts and errors.
+
+    A final label replaced by a file that cannot be read takes its earlier pairs with it (``removed``): they
+    measured a label that is no longer there. A read error on a final label unchanged since its pairs were
+    recorded (or a file that cannot even be looked at) keeps them: it may pass."""
+    done, skipped, errors, removed = 0, 0, {}, []
     for image_id, tag, pseudo, final in pairs:
         try:
             r = record_correction(store, image_id, tag, pseudo, final, names)
@@ -135,4 +144,26 @@ def collect_corrections(pairs, store: Store, names=None) -> dict:
         except (VolumeError, OSError) as e:
             errors[f"{image_id}/{tag}"] = str(e)
             logger.error(f"correction of {image_id}/{tag} not recorded: {e}")
-    return {"recorded": done, "unchanged": skipped, "errors": errors}
+            if isinstance(e, VolumeError):
+                old = _recorded_final_stamp(store, image_id, tag)
+                try:
+                    now = file_stamp(final)
+                except OSError:
+                    now = old
+                if old is not None and now != old and store.remove_corrections(image_id, tag):
+                    removed.append(f"{image_id}/{tag}")
+                    logger.info(f"correction pairs of {image_id}/{tag} removed: its final label was replaced by "
+                                "one that cannot be read")
+    return {"recorded": done, "unchanged": skipped, "errors": errors, "removed": removed}
+
+
+def prune_corrections(store: Store, with_final) -> list[str]:
+    """Remove the pairs of images that no longer have a final label (``with_final``: the image ids that have one,
+    from a successful listing of the datastore). Returns the removed ``image/tag`` pairs."""
+    keep = set(with_final)
+    gone = sorted({(r["image_id"], r["tag"]) for r in store.corrections() if r["image_id"] not in keep})
+    for image_id, tag in gone:
+        store.remove_corrections(image_id, tag)
+    if gone:
+        logger.info(f"correction pairs removed, their final label is gone: {[f'{i}/{t}' for i, t in gone]}")
+    return [f"{i}/{t}" for i, t in gone]

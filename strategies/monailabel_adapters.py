@@ -21,7 +21,13 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from labelsentinel.store import Store
-from labelsentinel.strategies.corrections import calibrate_records, collect_corrections, load_calibration, recalibrate
+from labelsentinel.strategies.corrections import (
+    calibrate_records,
+    collect_corrections,
+    load_calibration,
+    prune_corrections,
+    recalibrate,
+)
 from labelsentinel.strategies.label_errors import reviewed_since, suspects
 from labelsentinel.strategies.budget import CostModel, plan_budget
 from labelsentinel.strategies.ranking import METHODS, aggregate, rank_cases
@@ -46,20 +52,74 @@ def correction_pairs(datastore: Datastore, image_ids=None) -> list[tuple[str, st
     return out
 
 
+def datastore_pairs(datastore: Datastore) -> set[tuple[str, str]] | None:
+    """(image id, tag) of every label the datastore lists now (readable or not), or None when it cannot be
+    listed (a PACS outage): nothing may be removed on a failed listing."""
+    try:
+        return {(i, tag) for i in datastore.list_images() for tag in datastore.get_labels_by_image_id(i)}
+    except Exception as e:
+        logger.error(f"datastore could not be listed, no record removed: {type(e).__name__}: {e}")
+        return None
+
+
+def with_tag(datastore: Datastore, images, tag: str) -> set[str]:
+    """The ``images`` that have a label of ``tag`` now (a record of a deleted label is not used). A datastore
+    that cannot say which labels an image has (a minimal stand-in) filters nothing."""
+    labels_of = getattr(datastore, "get_labels_by_image_id", None)
+    if labels_of is None:
+        return set(images)
+    return {i for i in images if tag in labels_of(i)}
+
+
+def images_with_final(datastore: Datastore, images=None) -> set[str] | None:
+    """Images with a final label now (a local one, or one MONAI Label's datastore lists as labeled: a SEG only in
+    the PACS); None when the datastore cannot be listed."""
+    try:
+        images = datastore.list_images() if images is None else images
+        out = {i for i in images if FINAL in datastore.get_labels_by_image_id(i)}
+        return out | set(datastore.get_labeled_images())
+    except Exception as e:
+        logger.error(f"datastore could not be listed, no correction removed: {type(e).__name__}: {e}")
+        return None
+
+
+def live_corrections(store: Store, datastore: Datastore) -> list[dict]:
+    """The real pairs whose final label is still there (the others no longer count, even before the next
+    scoring removes them)."""
+    pairs = store.corrections()
+    finals = images_with_final(datastore, sorted({p["image_id"] for p in pairs}))
+    return pairs if finals is None else [p for p in pairs if p["image_id"] in finals]
+
+
+def refit_calibration(store: Store, version: str, prior_mae: float) -> dict:
+    ft = store.get_setting("estimator_finetuned") or {}
+    trained = ft.get("trained_cases", []) if ft.get("version") == version else []
+    return recalibrate(store, version, prior_mae, trained_cases=trained)
+
+
 def record_corrections(store: Store, datastore: Datastore, version: str, prior_mae: float, names=None,
                        image_ids=None) -> dict:
-    """Store the real pairs of corrected pseudo-labels and refit the calibration when any are new."""
+    """Store the real pairs of corrected pseudo-labels, drop those whose final label is gone (deleted, or
+    replaced by a file that cannot be read), and refit the calibration when anything changed."""
     res = collect_corrections(correction_pairs(datastore, image_ids), store, names)
-    if res["recorded"] or store.get_setting(f"calibration:{version}") is None:
-        ft = store.get_setting("estimator_finetuned") or {}
-        trained = ft.get("trained_cases", []) if ft.get("version") == version else []
-        cal = recalibrate(store, version, prior_mae, trained_cases=trained)
+    corrected = {p["image_id"] for p in store.corrections()}
+    check = corrected if image_ids is None else corrected & set(image_ids)
+    finals = images_with_final(datastore, sorted(check)) if check else set()
+    if finals is not None:  # never on a failed listing
+        removed = prune_corrections(store, finals | (corrected - check))
+        res["removed"] = sorted(set(res["removed"]) | set(removed))
+    if res["recorded"] or res["removed"] or store.get_setting(f"calibration:{version}") is None:
+        cal = refit_calibration(store, version, prior_mae)
         res["calibration"] = {k: cal[k] for k in ("n", "cases", "mae_before", "mae_after", "conformal_pairs")}
     return res
 
 
-def calibrated_records(store: Store, tag: str, prior_mae: float = 0.1) -> list[dict]:
-    recs = [r["record"] for r in store.quality(tag) if r["record"]]
+def calibrated_records(store: Store, tag: str, prior_mae: float = 0.1, cases=None) -> list[dict]:
+    """The quality records of ``tag``, calibrated; with ``cases``, only those of these images (pass the images
+    that have a ``tag`` label now, so a record of a deleted image or label is not used before the next scoring
+    removes it)."""
+    keep = None if cases is None else set(cases)
+    recs = [r["record"] for r in store.quality(tag) if r["record"] and (keep is None or r["image_id"] in keep)]
     return calibrate_records(recs, lambda v: load_calibration(store, v, prior_mae) if v else None)
 
 
@@ -138,9 +198,11 @@ class QualityScoring(ScoringMethod):
             self.names,
             progress=lambda m: logger.info(f"quality scoring {m}"),
             expected=self.expected,
+            # records of images and labels deleted since they were scored go (not on a failed listing)
+            listed=lambda: datastore_pairs(datastore),
         )
         logger.info(f"quality scoring: {len(result['scored'])} scored, {result['unchanged']} unchanged, "
-                    f"{len(result['errors'])} errors in {result['seconds']} s")
+                    f"{len(result['errors'])} errors, {len(result['removed'])} removed in {result['seconds']} s")
         # Human corrections of scored pseudo-labels: real (predicted, true) pairs -> recalibration.
         result["corrections"] = record_corrections(self._store(), datastore, version, self.prior_mae, self.names)
         ft = self.maybe_finetune(datastore)
@@ -284,7 +346,7 @@ class QualityStrategy(Strategy):
         store = self._store()
         tag = str(_param(request, "label_tag", "original"))
         unlabeled = set(datastore.get_unlabeled_images())
-        records = [r for r in calibrated_records(store, tag, self.prior_mae) if r["case"] in unlabeled]
+        records = calibrated_records(store, tag, self.prior_mae, with_tag(datastore, unlabeled, tag))
         threshold = _number(request, "good_enough", self.threshold, lo=0.0, hi=1.0)
         method = str(_param(request, "aggregate", "min"))
         if method not in METHODS:
@@ -309,14 +371,16 @@ class QualityStrategy(Strategy):
             if rc is not None:
                 return {"id": cid, "predicted_dice": round(rc.score, 4), "worst_structures": rc.worst,
                         "client_id": client}
-            q = store.get_quality(cid, tag)
-            why = f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
+            has_label = bool(with_tag(datastore, [cid], tag))
+            q = store.get_quality(cid, tag) if has_label else None
+            why = (f"label could not be scored: {q['error']}" if q and q["error"] else "not scored yet"
+                   if has_label else f"no {tag} label to score")
             return {"id": cid, "predicted_dice": None, "reason": why, "client_id": client}
         # Why nothing is left, counted over the unlabeled scored cases.
         method, subset = str(_param(request, "aggregate", "min")), _structures(request)
         out_now = busy & unlabeled
         n_good = n_without = 0
-        for r in calibrated_records(store, tag, self.prior_mae):
+        for r in calibrated_records(store, tag, self.prior_mae, scored):
             if r["case"] not in unlabeled or r["case"] in out_now:
                 continue
             a = aggregate(r, method, subset)
@@ -332,12 +396,16 @@ class BudgetStrategy(Strategy):
     """Serves the cases of the budget plan in order and reports the budget used and left with each answer.
 
     The plan is made when a project lead sets the budget (``labelsentinel plan --server URL --cases N`` or
-    ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. A
-    planned case counts as used while it is out with an annotator (its lease runs) and once it has a final
-    label; a case an annotator let go without saving (asked for another, or the lease expired) goes back to
-    the plan, for anyone. Serving never writes the plan, so it cannot undo a lead's new budget set at the same
-    moment.
+    ``--minutes M``, stored in the record store, no restart needed) from the scores at that moment. The budget
+    used is the planned cases corrected since the plan (a final label saved, whoever saved it and through
+    whichever strategy) plus the planned cases out with an annotator *who was served them by this strategy*
+    (its lease runs): cases out with annotators under other strategies are their work, not the budget's, and
+    are not served here while they are out. A case an annotator let go without saving (asked for another, or
+    the lease expired) goes back to the plan, for anyone; a planned case whose image was deleted is skipped and
+    not counted. Serving never writes the plan, so it cannot undo a lead's new budget set at the same moment.
     """
+
+    name = "budget"
 
     def __init__(self, store: Callable[[], Store], threshold: float, lease_minutes: float = 30.0):
         super().__init__("Budget: the planned corrections that buy the most dataset Dice, within the lead's budget")
@@ -346,25 +414,60 @@ class BudgetStrategy(Strategy):
         self.lease_minutes = lease_minutes
 
     @staticmethod
+    def label_tags(store: Store, datastore: Datastore) -> set[str]:
+        """The pseudo-label tags a plan can be made from: those the datastore has (final labels are not scored)."""
+        pairs = datastore_pairs(datastore) if hasattr(datastore, "get_labels_by_image_id") else None
+        if pairs is None:  # not listable now: the tags of the scores
+            return {r["tag"] for r in store.quality(include_errors=True)} - {FINAL}
+        return {t for _, t in pairs} - {FINAL}
+
+    @staticmethod
     def make_plan(store: Store, datastore: Datastore, budget_cases=None, budget_minutes=None, cost_model=None,
-                  threshold=None, tag="original") -> dict:
+                  threshold=None, tag="original", prior_mae: float = 0.1) -> dict:
+        """Plan from the scores of the ``tag`` labels, calibrated with ``prior_mae`` (the app's, as the
+        strategies). ValueError (nothing written: the current plan stays) for an unknown tag or a bad budget."""
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"tag must be the name of a label tag, got {tag!r}")
+        tags = BudgetStrategy.label_tags(store, datastore)
+        if tag not in tags:
+            raise ValueError(f"unknown label tag {tag!r}: the datastore has "
+                             + (", ".join(sorted(tags)) if tags else "no pseudo-labels") + "; the current plan is kept")
         unlabeled = set(datastore.get_unlabeled_images())
-        records = [r for r in calibrated_records(store, tag) if r["case"] in unlabeled]
+        records = calibrated_records(store, tag, prior_mae, with_tag(datastore, unlabeled, tag))
         plan = plan_budget(records, budget_cases=budget_cases, budget_minutes=budget_minutes,
                            cost_model=CostModel.from_dict(cost_model), threshold=threshold)
         d = plan.to_dict()
-        d.update(ts=time.time(), cost_model=cost_model or {}, threshold=threshold)
+        d.update(ts=time.time(), cost_model=cost_model or {}, threshold=threshold, tag=tag, prior_mae=prior_mae)
         store.set_setting("budget_plan", d)
         return d
+
+    @staticmethod
+    def _account(store: Store, datastore: Datastore, plan: dict) -> dict:
+        images = set(datastore.list_images())
+        labeled = set(datastore.get_labeled_images())
+        leases = store.leases()
+        acc = {"corrected": [], "out": [], "out_elsewhere": [], "gone": [], "open": []}
+        for c in plan["cases"]:
+            cid = c["case_id"]
+            if cid not in images:
+                acc["gone"].append(c)
+            elif cid in labeled:
+                acc["corrected"].append(c)
+            elif cid in leases and leases[cid].get("strategy") == BudgetStrategy.name:
+                acc["out"].append(c)
+            elif cid in leases:
+                acc["out_elsewhere"].append(c)
+            else:
+                acc["open"].append(c)
+        return acc
 
     @staticmethod
     def status(store: Store, datastore: Datastore) -> dict:
         plan = store.get_setting("budget_plan")
         if not plan:
             return {"reason": "no budget set: a project lead sets one with `labelsentinel plan --server URL --cases N`"}
-        labeled = set(datastore.get_labeled_images())
-        out_now = store.leases()
-        used = [c for c in plan["cases"] if c["case_id"] in out_now or c["case_id"] in labeled]
+        acc = BudgetStrategy._account(store, datastore, plan)
+        used = acc["corrected"] + acc["out"]
         used_minutes = round(sum(c["minutes"] for c in used), 3)
         out = {
             "budget_cases": plan["budget_cases"],
@@ -372,6 +475,10 @@ class BudgetStrategy(Strategy):
             "used_cases": len(used),
             "used_minutes": used_minutes,
             "planned_cases": len(plan["cases"]),
+            "corrected_cases": len(acc["corrected"]),  # final label saved since the plan
+            "out_cases": len(acc["out"]),  # out with annotators served by the budget strategy
+            "out_elsewhere": [c["case_id"] for c in acc["out_elsewhere"]],  # planned, out under other strategies
+            "deleted_cases": [c["case_id"] for c in acc["gone"]],  # planned, image deleted since: skipped
         }
         out["left_cases"] = None if plan["budget_cases"] is None else plan["budget_cases"] - len(used)
         out["left_minutes"] = None if plan["budget_minutes"] is None else round(plan["budget_minutes"] - used_minutes, 3)
@@ -388,14 +495,15 @@ class BudgetStrategy(Strategy):
         plan = store.get_setting("budget_plan")
         if not plan:
             return self.status(store, datastore)
+        images = set(datastore.list_images())
         labeled = set(datastore.get_labeled_images())
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
         for c in _skipped_last(plan["cases"], skipped, key=lambda c: c["case_id"]):
             cid = c["case_id"]
-            if cid in labeled or cid in busy:
+            if cid not in images or cid in labeled or cid in busy:
                 continue
-            if store.acquire_lease(cid, client, ttl):
+            if store.acquire_lease(cid, client, ttl, strategy=self.name):
                 return {"id": cid, "expected_gain": c["gain"], "minutes": c["minutes"], **self.status(store, datastore)}
         st = self.status(store, datastore)
         if not plan["cases"]:
@@ -409,8 +517,16 @@ class BudgetStrategy(Strategy):
                 st["reason"] = (f"nothing planned: the budget of {b} buys none of the {plan['candidates']} case(s) "
                                 "that need a human (a larger budget is needed)")
             return st
-        st["reason"] = (f"budget spent: {st['used_cases']} of {len(plan['cases'])} planned case(s) used"
-                        + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
+        used = (f"{st['used_cases']} of {len(plan['cases'])} planned case(s) used"
+                + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
+        gone = (f"; {len(st['deleted_cases'])} planned case(s) deleted since the plan: "
+                f"{', '.join(st['deleted_cases'])}" if st["deleted_cases"] else "")
+        waiting = len(plan["cases"]) - st["used_cases"] - len(st["deleted_cases"])
+        if waiting > 0:  # planned cases not used yet, but out with other annotators (under other strategies too)
+            st["reason"] = (f"nothing to serve now: the {waiting} planned case(s) not used yet are out with other "
+                            f"annotators; budget {used}{gone}")
+        else:
+            st["reason"] = f"budget spent: {used}{gone}"
         return st
 
 

@@ -5,7 +5,9 @@
 expected structures are unchanged since the last run is skipped without reading anything, so running it after every next-sample and every
 training (MONAI Label's auto scoring) stays cheap. The estimator itself is loaded only when something needs
 scoring. A label that cannot be used (unreadable, wrong grid, bad values) is recorded with its error and
-reported; the others are scored.
+reported; the others are scored. Given ``listed`` (the (image, tag) pairs the datastore lists), the records of
+images and labels deleted since they were scored are removed; a pair that is listed but cannot be read now keeps
+its record (a read error may pass).
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ def score_labels(
     names: dict[int, str] | None = None,
     progress: Callable[[str], None] | None = None,
     expected: set[int] | None = None,
+    listed: "Callable[[], Iterable[tuple[str, str]]] | Iterable[tuple[str, str]] | None" = None,
 ) -> dict:
     """Score what changed; return ``{"scored": [...], "unchanged": n, "errors": {id/tag: msg}, "seconds": s}``.
 
     ``load_estimator()`` returns an object with ``predict(image, label, spacing, names) -> list[dict]``.
     ``expected``: structure ids every label of the project should have; the ones a label lacks are
     recorded as ``missing`` (the ranking counts them as Dice 0).
+    ``listed``: the (image id, tag) pairs the datastore has, or a function returning them (called after the
+    scoring, so an image deleted while it ran is caught too); the records of other pairs are removed and listed
+    under ``"removed"``. None (or a function returning None, e.g. when the datastore could not be listed):
+    nothing is removed.
     """
     t0 = time.time()
     items = list(items)
@@ -109,11 +116,21 @@ def score_labels(
                 progress(f"[{n}/{len(todo)}] {key}" + (f": {errors[key]}" if key in errors else ""))
     finally:
         reader.shutdown(cancel_futures=True)
+    removed: list[str] = []
+    pairs = listed() if callable(listed) else listed
+    if pairs is not None:  # a function answers None when the datastore could not be listed: nothing is removed
+        removed = store.prune_quality(set(pairs))
+        if removed:
+            logger.info(f"quality scoring: removed the records of {len(removed)} deleted image(s)/label(s): {removed}")
+        gone = {f"{i}/{t}" for i, t in {(it.image_id, it.tag) for it in items} - set(pairs)} | set(removed)
+        errors = {k: v for k, v in errors.items() if k not in gone}  # not an error: no longer there
+        scored = [k for k in scored if k not in gone]
     return {
         "estimator_version": estimator_version,
         "total": len(items),
         "scored": scored,
         "unchanged": unchanged,
         "errors": errors,
+        "removed": removed,
         "seconds": round(time.time() - t0, 3),
     }

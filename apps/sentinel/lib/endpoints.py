@@ -14,17 +14,55 @@ from fastapi import APIRouter, Body, HTTPException, Request
 logger = logging.getLogger(__name__)
 
 
-def training_payload(store) -> dict:
-    """The last training run (which pseudo-labels it used and why, what it refurbished) and the final labels its
-    signals flag, most suspect first (loss z-score >= 2, the review strategy's default)."""
-    from labelsentinel.strategies.label_errors import suspects
+def final_label_paths(datastore, cases) -> dict:
+    """case -> path of its final label now (None: no final label, or the image is gone)."""
+    images = set(datastore.list_images())
+    out = {}
+    for cid in cases:
+        labels = datastore.get_labels_by_image_id(cid) if cid in images else {}
+        out[cid] = datastore.get_label_uri(labels["final"], "final") if "final" in labels else None
+    return out
+
+
+def training_payload(store, datastore=None) -> dict:
+    """The last training run (which pseudo-labels it used and why, what it refurbished) and the final labels the
+    label-error signals flag, most suspect first (loss z-score >= 2, the review strategy's default).
+
+    ``suspects`` are the flagged final labels not reviewed since (a final label saved again, or gone, counts as
+    reviewed, as in the review strategy); those are listed under ``reviewed_suspects``. Signals are written only
+    by a run with at least 2 checkpoints, so they may come from an earlier run than the last: ``signals_run`` is
+    the run they come from (its ``run_id`` and time ``ts``), and ``suspects_from_last_run`` says whether that is
+    the last run."""
+    from labelsentinel.strategies.label_errors import reviewed_since, suspects
 
     runs = store.get_setting("training_runs", []) or []
+    last = runs[-1] if runs else None
     signals = store.signals()
     flagged = suspects(signals, "loss", 2.0) if signals else []
-    return {"runs": len(runs), "last": runs[-1] if runs else None,
-            "suspects": [{"case": c, "loss_z": round(z, 2), "vog_z": round(float(signals[c].get("vog", 0.0)), 2)}
-                         for c, z in flagged]}
+    reviewed: set = set()
+    if flagged and datastore is not None:
+        try:
+            reviewed = reviewed_since({c: signals[c] for c, _ in flagged}, final_label_paths(datastore, [c for c, _ in flagged]))
+        except Exception as e:  # the datastore cannot be read now: shown as flagged, not hidden
+            logger.error(f"suspect final labels: review state unknown ({type(e).__name__}: {e})")
+
+    def row(c, z):
+        return {"case": c, "loss_z": round(z, 2), "vog_z": round(float(signals[c].get("vog", 0.0)), 2),
+                "run_id": signals[c].get("run_id"), "ts": signals[c].get("ts")}
+
+    by_run: dict = {}
+    for d in signals.values():
+        r = by_run.setdefault(d.get("run_id"), {"run_id": d.get("run_id"), "ts": d.get("ts"), "final_labels": 0})
+        r["ts"] = max(r["ts"] or 0, d.get("ts") or 0)
+        r["final_labels"] += 1
+    signal_runs = sorted(by_run.values(), key=lambda r: r["ts"] or 0)
+    latest = signal_runs[-1] if signal_runs else None
+    return {"runs": len(runs), "last": last,
+            "suspects": [row(c, z) for c, z in flagged if c not in reviewed],
+            "reviewed_suspects": [row(c, z) for c, z in flagged if c in reviewed],
+            "signals_run": latest,
+            "signals_runs": signal_runs,
+            "suspects_from_last_run": bool(latest and last and str(latest["run_id"]) == str(last.get("run_id")))}
 
 
 def register_routes(app_instance) -> None:
@@ -41,7 +79,12 @@ def register_routes(app_instance) -> None:
         store = app_instance.store()
         ds = app_instance.datastore()
         labeled = set(ds.get_labeled_images())
-        rows = store.quality(tag, include_errors=True)
+        # Records of images and labels deleted since they were scored are not shown (the next scoring removes them).
+        from labelsentinel.strategies.monailabel_adapters import datastore_pairs, live_corrections
+
+        present = datastore_pairs(ds)
+        rows = [r for r in store.quality(tag, include_errors=True)
+                if present is None or (r["image_id"], r["tag"]) in present]
         # Calibrated as the strategies and the budget planner see them (raw value kept as raw_predicted_dice),
         # so the lead's status, report and plan agree with what annotators are served.
         from labelsentinel.strategies.corrections import calibrate_records, load_calibration
@@ -58,7 +101,14 @@ def register_routes(app_instance) -> None:
             version = weights_version(app_instance._active_estimator())
         except Exception:  # no weights file: nothing scored either
             version = None
-        pairs = store.corrections()
+        pairs = live_corrections(store, ds)  # the pairs whose final label is still there
+        if len(pairs) < len(store.corrections()):  # a final label deleted since the last scoring: its pairs go
+            from labelsentinel.strategies.corrections import prune_corrections
+            from labelsentinel.strategies.monailabel_adapters import refit_calibration
+
+            prune_corrections(store, {p["image_id"] for p in pairs})
+            if version:
+                refit_calibration(store, version, app_instance.prior_mae)
         calib = store.get_setting(f"calibration:{version}") if version else None
         corrections = {
             "estimator_version": version,
@@ -76,7 +126,7 @@ def register_routes(app_instance) -> None:
             "leases": store.leases(),
             "corrections": corrections,
             "label_names": {str(k): v for k, v in app_instance.structure_names().items()},
-            "training": training_payload(store),
+            "training": training_payload(store, ds),
         }
 
     @router.get("/quality")
@@ -100,6 +150,7 @@ def register_routes(app_instance) -> None:
                 app_instance.store(), app_instance.datastore(), budget_cases=body.get("cases"),
                 budget_minutes=body.get("minutes"), cost_model=body.get("cost_model"),
                 threshold=body.get("good_enough", app_instance.threshold), tag=body.get("tag", "original"),
+                prior_mae=app_instance.prior_mae,  # as the strategies calibrate
             )
         except (ValueError, TypeError) as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
@@ -113,6 +164,7 @@ def register_routes(app_instance) -> None:
         return image_demographics(app_instance)
 
     fastapi_app.include_router(router)
+    register_delete_routes(fastapi_app, app_instance)
     register_ohif_route(fastapi_app)
     register_activelearning_route(fastapi_app)
     register_train_route(fastapi_app)
@@ -245,6 +297,63 @@ def register_ohif_route(fastapi_app) -> None:
 
     # first in the list: it matches only /ohif/...
     _add_route_first(fastapi_app, "/ohif/{path:path}", ohif_file, "labelsentinel_ohif", ["GET"])
+
+
+def forget_deleted(app_instance, image_id: str, tag: str | None) -> dict:
+    """After MONAI Label deleted an image (``tag`` None) or one of its labels: its quality records, and with a
+    final label its correction pairs (the calibration is refitted from the others), go at once; the case's lease
+    ends with the image. The next scoring would remove them too (a file deleted outside the server)."""
+    from labelsentinel.models.estimator import weights_version
+    from labelsentinel.strategies.monailabel_adapters import FINAL, refit_calibration
+
+    store = app_instance.store()
+    out = {"quality_removed": 0, "corrections_removed": 0}
+    if tag != FINAL:
+        before = len(store.quality(include_errors=True))
+        store.remove_quality(image_id, tag)
+        out["quality_removed"] = before - len(store.quality(include_errors=True))
+    if tag in (None, FINAL):
+        out["corrections_removed"] = store.remove_corrections(image_id)
+        if tag is None:
+            store.release_lease(image_id)
+        if out["corrections_removed"]:
+            try:
+                refit_calibration(store, weights_version(app_instance._active_estimator()), app_instance.prior_mae)
+            except Exception as e:  # the next scoring refits it
+                logger.error(f"recalibration after deleting {image_id}/{tag or 'image'} failed: {e}")
+    logger.info(f"deleted {image_id}{'/' + tag if tag else ''}: {out}")
+    return out
+
+
+def register_delete_routes(fastapi_app, app_instance) -> None:
+    """``DELETE /datastore/image`` and ``DELETE /datastore/label`` as MONAI Label answers them, and then what Label
+    Sentinel kept about the deleted image or label goes too (see ``forget_deleted``)."""
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.datastore import remove_image, remove_label
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    if any(getattr(r, "name", "") == "labelsentinel_remove_label" for r in fastapi_app.router.routes):
+        return
+
+    def delete_image(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        res = remove_image(id, user.username)
+        try:
+            forget_deleted(app_instance, id, None)
+        except Exception as e:  # deleted; the next scoring and the readers leave its records out
+            logger.error(f"records of deleted image {id} not removed now: {e}")
+        return res
+
+    def delete_label(id: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        res = remove_label(id, tag, user.username)
+        try:
+            forget_deleted(app_instance, id, tag)
+        except Exception as e:
+            logger.error(f"records of deleted label {id}/{tag} not removed now: {e}")
+        return res
+
+    _add_route_first(fastapi_app, "/datastore/image", delete_image, "labelsentinel_remove_image", ["DELETE"])
+    _add_route_first(fastapi_app, "/datastore/label", delete_label, "labelsentinel_remove_label", ["DELETE"])
 
 
 def register_activelearning_route(fastapi_app) -> None:
