@@ -146,7 +146,11 @@ def _training_summary(q: dict) -> dict:
             "last_status": last.get("status"), "last_error": last.get("error"),
             "last_refused": [{"case": r.get("case"), "source": r.get("source"), "error": r.get("error")}
                              for r in last.get("refused") or []],
-            "suspect_final_labels": t.get("suspects", [])}
+            "suspect_final_labels": t.get("suspects", []),
+            "reviewed_suspects": [x["case"] for x in t.get("reviewed_suspects") or []],
+            # the label-error signals come from the last run with at least 2 checkpoints, maybe an earlier one
+            "suspects_run_ts": (t.get("signals_run") or {}).get("ts"),
+            "suspects_from_last_run": t.get("suspects_from_last_run", True)}
 
 
 def _training_text(t: dict) -> str:
@@ -167,8 +171,14 @@ def _training_text(t: dict) -> str:
     if t["last_refurbished"]:
         out += f"; refurbished: {', '.join(t['last_refurbished'])}"
     sus = t["suspect_final_labels"]
-    out += (f"; final labels flagged as suspect (loss z >= 2): " + ", ".join(f"{x['case']} ({x['loss_z']:.1f})" for x in sus)
-            if sus else "; no final label flagged as suspect")
+    origin = ""
+    if not t.get("suspects_from_last_run", True) and t.get("suspects_run_ts"):
+        origin = f" by the run of {time.strftime('%Y-%m-%d %H:%M', time.localtime(t['suspects_run_ts']))}"
+    out += (f"; final labels flagged as suspect{origin} (loss z >= 2): "
+            + ", ".join(f"{x['case']} ({x['loss_z']:.1f})" for x in sus)
+            if sus else f"; no final label flagged as suspect{origin}")
+    if t.get("reviewed_suspects"):
+        out += f" ({len(t['reviewed_suspects'])} flagged and reviewed since: {', '.join(t['reviewed_suspects'])})"
     return out
 
 

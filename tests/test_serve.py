@@ -336,3 +336,20 @@ def test_lead_status_says_when_the_last_training_run_failed_or_skipped_pairs():
     assert "FAILED" not in text and "3 final label(s)" in text and "skipped" not in text
     del run["status"]  # a run recorded before runs said how they ended
     assert "3 final label(s)" in _training_text(_training_summary({"training": {"runs": 1, "last": run}}))
+
+
+def test_lead_status_says_which_run_flagged_the_suspects_and_which_were_reviewed():
+    import time
+
+    from labelsentinel.lead import _training_summary, _training_text
+
+    run = {"run_id": "r2", "ts": 1.7e9 + 3600, "device": "cpu", "finals": 3, "status": "finished"}
+    training = {"runs": 2, "last": run, "suspects": [{"case": "case_001", "loss_z": 2.4}],
+                "reviewed_suspects": [{"case": "case_003", "loss_z": 3.0}],
+                "signals_run": {"run_id": "r1", "ts": 1.7e9}, "suspects_from_last_run": False}
+    text = _training_text(_training_summary({"training": training}))
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(1.7e9))
+    assert f"flagged as suspect by the run of {when} (loss z >= 2): case_001 (2.4)" in text, text
+    assert "(1 flagged and reviewed since: case_003)" in text and "case_003 (3.0)" not in text
+    training.update(suspects_from_last_run=True, signals_run={"run_id": "r2", "ts": run["ts"]})
+    assert "by the run of" not in _training_text(_training_summary({"training": training}))
