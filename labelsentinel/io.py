@@ -112,10 +112,38 @@ def load_label(path: str) -> Volume:
     return vol
 
 
-def label_upload_problem(image_path: str, label_path: str) -> str | None:
+def _header_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of a volume, from the header alone for NIfTI."""
+    if _is_nifti(path):
+        import nibabel as nib
+
+        img = nib.load(path)
+        return tuple(int(x) for x in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+    vol = load_volume(path)
+    return tuple(vol.array.shape), vol.affine
+
+
+def _grid_difference(label_affine: np.ndarray, image_affine: np.ndarray) -> str:
+    """How two affines of the same voxel shape differ, in words (origin shift, spacing, axis directions)."""
+    a, b = np.asarray(label_affine, dtype=np.float64), np.asarray(image_affine, dtype=np.float64)
+    parts = []
+    shift = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+    if shift > 1e-6:
+        parts.append(f"origin moved {shift:.3g} mm")
+    sa, sb = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    if not np.allclose(sa, sb, atol=1e-6):
+        parts.append("other spacing")
+    if not np.allclose(a[:3, :3] / np.where(sa == 0, 1, sa), b[:3, :3] / np.where(sb == 0, 1, sb), atol=1e-6):
+        parts.append("other axis directions")
+    return ", ".join(parts) or "affines differ"
+
+
+def label_upload_problem(image_path: str, label_path: str, atol: float = 1e-3) -> str | None:
     """Why ``label_path`` cannot be stored as the label of the image at ``image_path`` (None: it can): the file
-    cannot be read, is not a label map, or has another voxel shape than the image. A format this package does
-    not read, or an image it cannot read, is not judged here (None)."""
+    cannot be read, is not a label map, or is not on the image's grid (another voxel shape, or the same shape
+    with another origin, spacing or orientation: the affines must agree within ``atol`` mm, as
+    :func:`same_grid` and the scoring's :func:`check_same_grid` require). A format this package does not read,
+    or an image it cannot read, is not judged here (None)."""
     if not (_is_nifti(label_path) or label_path.endswith((".nrrd", ".mha", ".mhd"))):
         return None
     try:
@@ -125,17 +153,16 @@ def label_upload_problem(image_path: str, label_path: str) -> str | None:
     if not image_path or not os.path.isfile(image_path):
         return None
     try:
-        if _is_nifti(image_path):
-            import nibabel as nib
-
-            shape = tuple(int(x) for x in nib.load(image_path).shape[:3])
-        else:
-            shape = load_volume(image_path).array.shape
+        shape, affine = _header_grid(image_path)
     except Exception:
         return None
     if tuple(lab.array.shape) != shape:
         return (f"the label is {' x '.join(map(str, lab.array.shape))} voxels but the image is "
                 f"{' x '.join(map(str, shape))}: save the label on the image's grid")
+    image = Volume(path=image_path, array=np.broadcast_to(np.zeros((), np.uint8), shape), affine=affine)
+    if not same_grid(image, lab, atol):
+        return (f"the label is not on the image's grid ({_grid_difference(lab.affine, affine)}): label "
+                f"{lab.geometry()}; image {image.geometry()}: save the label on the image's grid")
     return None
 
 

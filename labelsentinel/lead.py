@@ -114,6 +114,7 @@ def summarize(q: dict, method: str = "min") -> dict:
         "calibrated_labels": sum(1 for r in scored if r["record"].get("calibrated")),
         "label_errors": {r["image_id"]: r["error"] for r in q["records"] if r.get("error")},
         "unreadable_images": q.get("unreadable_images", {}),
+        "unreadable_labels": q.get("unreadable_labels", {}),
         "good_enough": thr,
         "unlabeled_scored": len(aggs),
         "below_threshold": sum(a < thr for a in aggs),
@@ -227,6 +228,8 @@ def cmd_status(args) -> int:
     print(f"  training: {_training_text(s['training'])}")
     for k, v in s["label_errors"].items():
         print(f"  label error: {k}: {v}")
+    for k, v in s["unreadable_labels"].items():  # e.g. a final label that cannot be read: the case is served again
+        print(f"  unreadable label: {k}: {v}")
     print(f"  budget: {json.dumps(budget)}")
     return 0
 
@@ -444,6 +447,7 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     )
     errors = "".join(f"<li>{e(r['image_id'])}/{e(r['tag'])}: {e(r['error'])}</li>" for r in q["records"] if r.get("error"))
     unreadable = "".join(f"<li>{e(i)}: {e(str(m))}</li>" for i, m in sorted((q.get("unreadable_images") or {}).items()))
+    bad_labels = "".join(f"<li>{e(i)}: {e(str(m))}</li>" for i, m in sorted((q.get("unreadable_labels") or {}).items()))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Label Sentinel report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head><body>
 <h1>Label quality report</h1>
@@ -461,6 +465,7 @@ best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if '
 {groups_html(group_rows, method)}
 {f'<h2>Labels that could not be scored</h2><ul>{errors}</ul>' if errors else ''}
 {f'<h2>Images that cannot be read (never served)</h2><ul>{unreadable}</ul>' if unreadable else ''}
+{f'<h2>Label files that cannot be read (not counted; a case whose final label is among them is served again)</h2><ul>{bad_labels}</ul>' if bad_labels else ''}
 <p>CSV: structures.csv, cases.csv, budget_curve.csv, corrections.csv</p></body></html>"""
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(page)

@@ -146,7 +146,7 @@ def test_saving_final_labels_adds_real_pairs_and_changes_calibration(server, cli
     n_pairs = len(store.corrections())
     for case in ("case_003", "case_004"):
         res = client.save_label(case, os.path.join(studies, "truth", f"{case}.nii.gz"), tag="final",
-                                params={"label_info": [{"name": "liver", "idx": 1}]})
+                                params={"label_info": [{"name": "liver", "idx": 5}]})
         assert res["corrections"]["recorded"] == 1, res
     after = store.get_setting(key)
     assert len(store.corrections()) > n_pairs

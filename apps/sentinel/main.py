@@ -146,6 +146,7 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
             raise ValueError(f"studies folder {self.studies!r} does not exist")
         ds = SentinelDatastore(
             self.studies,
+            structure_names=self.structure_names,  # Slicer's label_info names -> the app's ids
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
@@ -303,5 +304,5 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
         d = super().info()
         ds = self.datastore()
         if isinstance(ds, SentinelDatastore):
-            d["labelsentinel"] = {"unreadable_images": ds.unreadable_images()}
+            d["labelsentinel"] = {"unreadable_images": ds.unreadable_images(), "unreadable_labels": ds.unreadable_labels()}
         return d

@@ -151,13 +151,31 @@ class SentinelDICOMWebDatastore(DICOMWebDatastore):
         return out
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        from lib.datastore import name_problem, refuse_bad_label, remap_by_label_info
+
+        label_tag = label_tag or FINAL
+        for value, what in ((label_tag, "label tag"), (image_id, "image id")):  # both become cache paths
+            problem = name_problem(value, what)
+            if problem:
+                raise HTTPException(status_code=422, detail=f"the label was NOT saved: {problem}")
         if label_tag != FINAL:
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
         label_info = dict(label_info or {})
+        remapped = None
         if label_filename.endswith((".nii", ".nii.gz")):  # a NIfTI (Slicer): checked against the series' grid
-            from lib.datastore import refuse_bad_label
-
             refuse_bad_label(self, image_id, label_filename, label_tag)
+            # Slicer's values 1..N, named in label_info: stored (cache and SEG) with the app's ids
+            remapped, _, info_out = remap_by_label_info(label_filename, label_info.get("label_info"), self.names,
+                                                        f"the {label_tag} label of {image_id}")
+            if info_out is not None:
+                label_info["label_info"] = info_out
+        try:
+            return self._save_final(image_id, remapped or label_filename, label_tag, label_info, label_id)
+        finally:
+            if remapped:
+                os.unlink(remapped)
+
+    def _save_final(self, image_id, label_filename, label_tag, label_info, label_id=""):
         if not label_filename.endswith(".bin"):
             try:
                 label_info["label_info"] = self._segment_info(label_filename, label_info.get("label_info"))

@@ -122,6 +122,7 @@ def register_routes(app_instance) -> None:
             "images": ds.list_images(),
             "labeled": sorted(labeled),
             "unreadable_images": ds.unreadable_images() if hasattr(ds, "unreadable_images") else {},
+            "unreadable_labels": ds.unreadable_labels() if hasattr(ds, "unreadable_labels") else {},
             "records": [{**r, "has_final": r["image_id"] in labeled} for r in rows],
             "leases": store.leases(),
             "corrections": corrections,
