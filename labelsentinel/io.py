@@ -210,6 +210,9 @@ def load_label_names(path: str | None) -> dict[int, str]:
             out[int(v)] = str(k)
         else:
             raise VolumeError(f"{path}: cannot read entry {k!r}: {v!r} (expected id -> name)")
+    empty = sorted(i for i, n in out.items() if not n.strip())
+    if empty:
+        raise VolumeError(f"{path}: id(s) {empty} have an empty name")
     return out
 
 

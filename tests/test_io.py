@@ -78,6 +78,9 @@ def test_label_names_both_conventions(tmp_path):
     p.write_text("{not json")
     with pytest.raises(VolumeError, match="not valid JSON"):
         load_label_names(str(p))
+    p.write_text(json.dumps({"1": "spleen", "52": " "}))
+    with pytest.raises(VolumeError, match=r"id\(s\) \[52\] have an empty name"):
+        load_label_names(str(p))
 
 
 def test_save_nifti_is_deterministic(tmp_path):
