@@ -70,7 +70,13 @@ def epistemic_scores(studies, cases, preset="small"):
         def post_transforms(self, data=None):
             return [EnsureTyped(keys="pred", device="cpu"), Activationsd(keys="pred", softmax=True)]
 
-    task = EpistemicInfer(path=cfg.path, network=net, labels=cfg.labels, spacing=cfg.preset.spacing,
+    path = cfg.path
+    if not any(p and os.path.exists(p) for p in path):
+        # no weights ship for this preset: its network's own (random) weights, as a file, since the app refuses
+        # to infer without any; the time does not depend on the weights
+        path = [os.path.join(tempfile.mkdtemp(), "timing_only.pt")]
+        torch.save({"model": net.state_dict()}, path[0])
+    task = EpistemicInfer(path=path, network=net, labels=cfg.labels, spacing=cfg.preset.spacing,
                           roi_size=cfg.preset.roi_size, train_mode=True, skip_writer=True)
     ds = LocalDatastore(studies, extensions=("*.nii.gz",), auto_reload=False)
     scorer = EpistemicScoring(task, max_samples=0, simulation_size=5, use_variance=False)

@@ -101,3 +101,30 @@ def test_seg_segments_map_by_name_then_by_id_like_names_and_never_a_foreign_name
     assert bad == ["segment 4 (Segment 1)"]  # no name of its own, and its number 4 is no id
     mapping, bad = segment_ids({99: "mystery_organ"}, names)  # its number is an id of another structure
     assert mapping == {} and bad == ["segment 99 (mystery_organ)"]
+
+
+def test_image_checks_of_a_listing_write_their_cache_once(tmp_path, monkeypatch):
+    """A listing of many new files used to rewrite the whole verdict cache after each file (1,000 new studies:
+    8 s of JSON writing at start-up); checks with save=False are written once, at flush()."""
+    from labelsentinel.imagecheck import ImageCheckCache
+
+    paths = []
+    for i in range(30):
+        p = str(tmp_path / f"s{i}.nii.gz")
+        save_nifti(p, np.zeros((4, 4, 4), np.float32), np.eye(4))
+        paths.append(p)
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    cache_path = str(tmp_path / "checks.json")
+    cache = ImageCheckCache(cache_path)
+    writes = []
+    real_save = ImageCheckCache._save
+    monkeypatch.setattr(ImageCheckCache, "_save", lambda self: (writes.append(1), real_save(self)))
+    assert all(cache.check(p, save=False) is None for p in paths)
+    assert "bad.nii.gz" in cache.check(str(tmp_path / "bad.nii.gz"), save=False)
+    assert writes == [] and not os.path.exists(cache_path)
+    cache.flush()
+    cache.flush()  # nothing new: no second write
+    assert writes == [1]
+    again = ImageCheckCache(cache_path)  # the verdicts survive a restart: nothing is read again
+    monkeypatch.setattr(ImageCheckCache, "_read", lambda self, p: pytest.fail(f"{p} read again"))
+    assert all(again.check(p) is None for p in paths) and again.check(str(tmp_path / "bad.nii.gz"))

@@ -177,28 +177,18 @@ def remap_by_label_info(label_filename: str, label_info, names: dict[int, str],
 class LabelCheckCache(ImageCheckCache):
     """Like the image checks: a label file is read once per version (size, mtime); the verdict is cached."""
 
-    def check(self, path: str) -> str | None:
+    def check(self, path: str, save: bool = True) -> str | None:
         if not path.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
             return None  # a format this app does not read is not judged
-        key = os.path.abspath(path)
-        try:
-            stamp = self._stamp(path)
-        except OSError as e:
-            return f"{path}: {e.strerror}"
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit and hit.get("stamp") == stamp:
-                return hit.get("error")
+        return super().check(path, save)
+
+    def _read(self, path: str) -> str | None:
         try:
             load_label(path)
-            error = None
+            return None
         except VolumeError as e:
-            error = str(e)
-            logger.error(f"unreadable label skipped: {error}")
-        with self._lock:
-            self._cache[key] = {"stamp": stamp, "error": error}
-            self._save()
-        return error
+            logger.error(f"unreadable label skipped: {e}")
+            return str(e)
 
 
 class SentinelDatastore(LocalDatastore):
@@ -335,21 +325,30 @@ class SentinelDatastore(LocalDatastore):
                                                       f"{os.path.basename(paths[-1])}")
 
     # ------------------------------------------------------------------ checks
-    def image_error(self, image_id: str) -> str | None:
+    def image_error(self, image_id: str, save: bool = True) -> str | None:
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            return f"{image_id}: not in the datastore"
+        # the path without realpath() (get_image_uri resolves links at each call): this runs for every case at every
+        # next sample
+        uri = os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))
         try:
-            return self._checks.check(self.get_image_uri(image_id))
+            return self._checks.check(uri, save)
         except Exception as e:  # an id whose file vanished
             return f"{image_id}: {e}"
 
     def unreadable_images(self) -> dict[str, str]:
         out = {}
-        for i in self.list_images():
-            err = self.image_error(i)
-            if err:
-                out[i] = err
+        try:
+            for i in self.list_images():
+                err = self.image_error(i, save=False)
+                if err:
+                    out[i] = err
+        finally:
+            self._checks.flush()
         return out
 
-    def label_error(self, image_id: str, tag: str = FINAL) -> str | None:
+    def label_error(self, image_id: str, tag: str = FINAL, save: bool = True) -> str | None:
         """None if the image's label of this tag can be read as a label map (or there is none), else why not."""
         label = self._datastore.label(image_id, tag)
         if not label:
@@ -357,32 +356,43 @@ class SentinelDatastore(LocalDatastore):
         # the path without realpath(): this runs for every labelled case at every next sample
         uri = os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))
         try:
-            return self._label_checks.check(uri)
+            return self._label_checks.check(uri, save)
         except Exception as e:
             return f"{uri}: {e}"
 
     def unreadable_labels(self) -> dict[str, str]:
         """``{"image/tag": reason}`` for every label file that cannot be read as a label map."""
         out = {}
-        for image_id, obj in list(self._datastore.objects.items()):
-            for tag in list(obj.labels):
-                err = self.label_error(image_id, tag)
-                if err:
-                    out[f"{image_id}/{tag}"] = err
+        try:
+            for image_id, obj in list(self._datastore.objects.items()):
+                for tag in list(obj.labels):
+                    err = self.label_error(image_id, tag, save=False)
+                    if err:
+                        out[f"{image_id}/{tag}"] = err
+        finally:
+            self._label_checks.flush()
         return out
 
     def get_labeled_images(self, label_tag=None, labels=None):
-        return [i for i in super().get_labeled_images(label_tag, labels)
-                if not self.image_error(i) and not self.label_error(i, FINAL)]
+        try:
+            return [i for i in super().get_labeled_images(label_tag, labels)
+                    if not self.image_error(i, save=False) and not self.label_error(i, FINAL, save=False)]
+        finally:
+            self._checks.flush()
+            self._label_checks.flush()
 
     def get_unlabeled_images(self, label_tag=None, labels=None):
         """Images without a final label, and those whose final label cannot be read (they need one)."""
         out = []
-        for i, obj in list(self._datastore.objects.items()):
-            if obj.labels.get(FINAL) and not self.label_error(i, FINAL):
-                continue
-            if not self.image_error(i):
-                out.append(i)
+        try:
+            for i, obj in list(self._datastore.objects.items()):
+                if obj.labels.get(FINAL) and not self.label_error(i, FINAL, save=False):
+                    continue
+                if not self.image_error(i, save=False):
+                    out.append(i)
+        finally:
+            self._checks.flush()
+            self._label_checks.flush()
         return out
 
     def datalist(self, full_path=True):
