@@ -56,12 +56,17 @@ class ImageCheckCache:
                 self._save()
         return error
 
+    what = "study"  # in the log line of an unreadable file
+
+    def _load(self, path: str) -> None:
+        load_image(path)
+
     def _read(self, path: str) -> str | None:
         try:
-            load_image(path)
+            self._load(path)
             return None
         except VolumeError as e:
-            logger.error(f"unreadable study skipped: {e}")
+            logger.error(f"unreadable {self.what} skipped: {e}")
             return str(e)
 
     def flush(self) -> None:

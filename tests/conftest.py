@@ -78,6 +78,32 @@ class Server:
             self._log.close()
 
 
+def wait_status(fn, what, timeout=600) -> dict:
+    """Poll ``fn()`` (a task status: /scoring/, /train/) until it is DONE or ERROR."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        st = fn()
+        if st.get("status") in ("DONE", "ERROR"):
+            return st
+        time.sleep(1)
+    raise AssertionError(f"{what} did not finish in {timeout} s")
+
+
+def run_scoring(url, timeout=600) -> dict:
+    """Start `/scoring/quality` (or join the run under way) and wait for it to end; its final status."""
+    r = requests.post(f"{url}/scoring/quality", timeout=30)
+    assert r.status_code in (200, 429), r.text
+    return wait_status(lambda: requests.get(f"{url}/scoring/", timeout=30).json(), "scoring", timeout)
+
+
+@pytest.fixture(scope="module")
+def store(studies):
+    """The record store of the module's ``studies`` folder."""
+    from labelsentinel.store import Store, store_path
+
+    return Store(store_path(studies))
+
+
 @pytest.fixture(scope="session")
 def sample_studies(tmp_path_factory):
     """A freshly generated sample studies folder (4 phantoms + the real CT); tests copy it before changing it."""

@@ -10,22 +10,15 @@ import time
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, run_scoring
 
 pytestmark = pytest.mark.server
 
 
 def _score(url, timeout=600):
-    r = requests.post(f"{url}/scoring/quality", timeout=30)
-    assert r.status_code in (200, 429), r.text
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        st = requests.get(f"{url}/scoring/", timeout=30).json()
-        if st.get("status") in ("DONE", "ERROR"):
-            assert st["status"] == "DONE", st
-            return st
-        time.sleep(1)
-    raise AssertionError("scoring did not finish")
+    st = run_scoring(url, timeout)
+    assert st["status"] == "DONE", st
+    return st
 
 
 def _listed(url) -> dict:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from conftest import APP, Server
+from conftest import APP, Server, wait_status as _wait
 
 pytestmark = pytest.mark.server
 
@@ -76,23 +75,6 @@ def server(studies, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server, tmp_path_factory):
     return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("bc")))
-
-
-@pytest.fixture(scope="module")
-def store(studies):
-    from labelsentinel.store import Store, store_path
-
-    return Store(store_path(studies))
-
-
-def _wait(fn, what, timeout=600):
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        st = fn()
-        if st.get("status") in ("DONE", "ERROR"):
-            return st
-        time.sleep(1)
-    raise AssertionError(f"{what} did not finish in {timeout} s")
 
 
 def _train(client, **params) -> dict:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from conftest import Server
+from conftest import Server, wait_status as _wait
 
 pytestmark = pytest.mark.server
 FINALS = ["case_000", "case_001", "case_002"]
@@ -39,23 +38,6 @@ def server(studies, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return MONAILabelClient(server.url)
-
-
-@pytest.fixture(scope="module")
-def store(studies):
-    from labelsentinel.store import Store, store_path
-
-    return Store(store_path(studies))
-
-
-def _wait(fn, what, timeout=600):
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        st = fn()
-        if st.get("status") in ("DONE", "ERROR"):
-            return st
-        time.sleep(1)
-    raise AssertionError(f"{what} did not finish in {timeout} s")
 
 
 def _score(url):

@@ -182,13 +182,10 @@ class LabelCheckCache(ImageCheckCache):
             return None  # a format this app does not read is not judged
         return super().check(path, save)
 
-    def _read(self, path: str) -> str | None:
-        try:
-            load_label(path)
-            return None
-        except VolumeError as e:
-            logger.error(f"unreadable label skipped: {e}")
-            return str(e)
+    what = "label"
+
+    def _load(self, path: str) -> None:
+        load_label(path)
 
 
 class SentinelDatastore(LocalDatastore):
@@ -536,19 +533,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _atomic_replace(path: str, fill, mode: int | None = None) -> None:
     """Write ``path`` so that it always holds either its old or its new content: a crash at any moment leaves no
-    empty or partial file (temp file in the same folder, fsync, os.replace)."""
+    empty or partial file (``fill(f)`` writes a temp file in the same folder; fsync; os.replace). ``mode``: the
+    new file's permissions (default: the old file's, else 0o644)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
     try:
-        try:
-            mode = os.stat(path).st_mode & 0o777
-        except OSError:
-            mode = 0o644
+        if mode is None:
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except OSError:
+                mode = 0o644
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -561,21 +560,15 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+def _atomic_write(path: str, data: bytes) -> None:
+    _atomic_replace(path, lambda f: f.write(data))
+
+
 def _atomic_copy(src: str, dest: str) -> None:
     """Copy ``src`` to ``dest`` through a temp file next to it (never a partial ``dest``)."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
+
+    def fill(f):
+        with open(src, "rb") as s:
             shutil.copyfileobj(s, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+
+    _atomic_replace(dest, fill, mode=0o644)
