@@ -123,7 +123,7 @@ def _header_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(vol.array.shape), vol.affine
 
 
-def _grid_difference(label_affine: np.ndarray, image_affine: np.ndarray) -> str:
+def grid_difference(label_affine: np.ndarray, image_affine: np.ndarray) -> str:
     """How two affines of the same voxel shape differ, in words (origin shift, spacing, axis directions)."""
     a, b = np.asarray(label_affine, dtype=np.float64), np.asarray(image_affine, dtype=np.float64)
     parts = []
@@ -161,7 +161,7 @@ def label_upload_problem(image_path: str, label_path: str, atol: float = 1e-3) -
                 f"{' x '.join(map(str, shape))}: save the label on the image's grid")
     image = Volume(path=image_path, array=np.broadcast_to(np.zeros((), np.uint8), shape), affine=affine)
     if not same_grid(image, lab, atol):
-        return (f"the label is not on the image's grid ({_grid_difference(lab.affine, affine)}): label "
+        return (f"the label is not on the image's grid ({grid_difference(lab.affine, affine)}): label "
                 f"{lab.geometry()}; image {image.geometry()}: save the label on the image's grid")
     return None
 

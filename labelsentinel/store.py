@@ -164,12 +164,12 @@ class Store:
                                    (image_id, tag)).fetchone()
         return None if row is None else _quality_row(row)
 
-    def remove_quality(self, image_id: str, tag: str | None = None) -> None:
+    def remove_quality(self, image_id: str, tag: str | None = None) -> int:
+        """Remove the records of one image (one tag, or all); returns how many went."""
         with self._tx() as c:
             if tag is None:
-                c.execute("DELETE FROM quality WHERE image_id=?", (image_id,))
-            else:
-                c.execute("DELETE FROM quality WHERE image_id=? AND tag=?", (image_id, tag))
+                return c.execute("DELETE FROM quality WHERE image_id=?", (image_id,)).rowcount
+            return c.execute("DELETE FROM quality WHERE image_id=? AND tag=?", (image_id, tag)).rowcount
 
     def prune_quality(self, present) -> list[str]:
         """Remove the records of (image, tag) pairs not in ``present`` (the pairs the datastore has now: an image or

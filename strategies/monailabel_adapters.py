@@ -83,10 +83,10 @@ def images_with_final(datastore: Datastore, images=None) -> set[str] | None:
         return None
 
 
-def live_corrections(store: Store, datastore: Datastore) -> list[dict]:
-    """The real pairs whose final label is still there (the others no longer count, even before the next
-    scoring removes them)."""
-    pairs = store.corrections()
+def live_corrections(store: Store, datastore: Datastore, pairs: list[dict] | None = None) -> list[dict]:
+    """The real pairs (``pairs``, default the store's) whose final label is still there (the others no longer
+    count, even before the next scoring removes them)."""
+    pairs = store.corrections() if pairs is None else pairs
     finals = images_with_final(datastore, sorted({p["image_id"] for p in pairs}))
     return pairs if finals is None else [p for p in pairs if p["image_id"] in finals]
 

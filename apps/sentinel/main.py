@@ -189,22 +189,21 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
     def _estimator_mae(self) -> float | None:
         """The estimator's validation MAE (from its checkpoint): the prior error before real corrections.
         Weights given with ``--conf estimator_weights`` must load, or the server does not start."""
-        from labelsentinel.models.estimator import DEFAULT_WEIGHTS
+        from labelsentinel.models.estimator import DEFAULT_WEIGHTS, QualityEstimator
 
         if self.estimator_weights:
-            from labelsentinel.models.estimator import QualityEstimator
-
             if not os.path.isfile(self.estimator_weights):
                 raise ValueError(f"--conf estimator_weights {self.estimator_weights}: no such file")
             try:
-                QualityEstimator.load(self.estimator_weights)
+                ck = QualityEstimator.load(self.estimator_weights).checkpoint
             except Exception as e:
                 raise ValueError(f"--conf estimator_weights {self.estimator_weights}: not a usable estimator "
                                  f"checkpoint ({type(e).__name__}: {e})") from None
         try:
-            import torch
+            if not self.estimator_weights:
+                import torch
 
-            ck = torch.load(self.estimator_weights or DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+                ck = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
             return float(ck["validation"]["estimator"]["mae"])
         except Exception as e:  # a checkpoint without its validation figures
             logger.warning(f"estimator MAE unknown ({type(e).__name__}: {e})")

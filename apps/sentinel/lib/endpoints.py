@@ -101,8 +101,9 @@ def register_routes(app_instance) -> None:
             version = weights_version(app_instance._active_estimator())
         except Exception:  # no weights file: nothing scored either
             version = None
-        pairs = live_corrections(store, ds)  # the pairs whose final label is still there
-        if len(pairs) < len(store.corrections()):  # a final label deleted since the last scoring: its pairs go
+        stored = store.corrections()
+        pairs = live_corrections(store, ds, stored)  # the pairs whose final label is still there
+        if len(pairs) < len(stored):  # a final label deleted since the last scoring: its pairs go
             from labelsentinel.strategies.corrections import prune_corrections
             from labelsentinel.strategies.monailabel_adapters import refit_calibration
 
@@ -310,9 +311,7 @@ def forget_deleted(app_instance, image_id: str, tag: str | None) -> dict:
     store = app_instance.store()
     out = {"quality_removed": 0, "corrections_removed": 0}
     if tag != FINAL:
-        before = len(store.quality(include_errors=True))
-        store.remove_quality(image_id, tag)
-        out["quality_removed"] = before - len(store.quality(include_errors=True))
+        out["quality_removed"] = store.remove_quality(image_id, tag)
     if tag in (None, FINAL):
         out["corrections_removed"] = store.remove_corrections(image_id)
         if tag is None:

@@ -41,7 +41,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.infers.segmentation import HU_WINDOW
 from lib.transforms import LabelIdsToChannelsd
-from labelsentinel.io import VolumeError
+from labelsentinel.io import VolumeError, grid_difference, load_image, load_label
 from labelsentinel.strategies.corrections import load_calibration
 from labelsentinel.strategies.label_errors import LabelErrorSignals, reviewed_since, suspects
 from labelsentinel.strategies.pseudolabels import DEFAULTS as PSEUDO, RULES, select_pseudo_labels
@@ -54,48 +54,14 @@ logger = logging.getLogger(__name__)
 # values, used to fail the whole run mid-training. Each pair is read in full once per file version (size,
 # modification time, inode, change time) and the result cached in MODEL_DIR/segmentation/train_checked.json,
 # so a large CT is decompressed once, not at every run.
-GRID_TOLERANCE = 0.1  # largest distance between the image's and the label's voxel grids, in voxels
-
-
 def _read_volume(path: str, role: str) -> dict:
-    """Read ``path`` in full with MONAI's loader (the one training uses) and check it as an ``image`` (3D,
-    finite) or a ``label`` (3D, integer ids >= 0). Returns {"shape", "affine"}; raises VolumeError."""
-    import numpy as np
-    from monai.transforms import LoadImage
-
-    if not os.path.exists(path):
-        raise VolumeError(f"{path}: file not found")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise VolumeError(f"{path}: cannot be read (empty file, 0 bytes)")
-    try:
-        arr, meta = LoadImage(image_only=False, dtype=None)(path)
-    except Exception as e:  # truncated gzip (EOFError), garbage, unsupported format
-        cause = e
-        while cause.__cause__ is not None:  # MONAI wraps the reader's error in RuntimeErrors
-            cause = cause.__cause__
-        raise VolumeError(f"{path}: cannot be read ({type(cause).__name__}: {str(cause)[:300]})") from e
-    a = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr)
-    shape = [int(x) for x in meta.get("spatial_shape", a.shape)]
-    while len(shape) > 3 and shape[-1] == 1:
-        shape.pop()
-    if len(shape) != 3 or a.size != int(np.prod(shape)):
-        raise VolumeError(f"{path}: expected a 3D volume, got shape {tuple(a.shape)}")
-    if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
-        finite = np.isfinite(a)
-        if not finite.all():
-            raise VolumeError(f"{path}: {role} contains {int((~finite).sum())} NaN or infinite voxel(s)")
-        if role == "label":
-            frac = a != np.round(a)
-            if frac.any():
-                raise VolumeError(f"{path}: label values must be integer ids, found {int(frac.sum())} voxel(s) "
-                                  f"with non-integer values such as {float(a[frac].flat[0]):g}")
-    elif not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
-        raise VolumeError(f"{path}: {role} has unsupported voxel type {a.dtype}")
-    if role == "label" and a.size and a.min() < 0:
-        raise VolumeError(f"{path}: label values must be >= 0, found {a.min():g}")
-    affine = meta.get("affine")
-    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
-    return {"shape": shape, "affine": affine.tolist()}
+    """Read ``path`` in full as an ``image`` (3D, finite) or a ``label`` (3D, integer ids >= 0) with the checks
+    scoring and uploads use (``labelsentinel.io``). Returns {"shape", "affine"}; raises VolumeError. A folder (a
+    DICOM series MONAI reads as one image) is not judged: {}."""
+    if os.path.isdir(path):
+        return {}
+    vol = (load_image if role == "image" else load_label)(path)
+    return {"shape": list(vol.array.shape), "affine": vol.affine.tolist()}
 
 
 class FileChecks:
@@ -147,31 +113,25 @@ class FileChecks:
 
 
 def _grid_problem(img: dict, lab: dict) -> str | None:
+    """Why a label is not on its image's grid (the shape, then the affine within 1e-3 mm as uploads require)."""
     import numpy as np
 
+    if not img or not lab:  # a folder: not judged
+        return None
     si, sl = tuple(img["shape"]), tuple(lab["shape"])
     if si != sl:
         return f"label shape {sl} does not match image shape {si}"
     ai, al = np.asarray(img["affine"]), np.asarray(lab["affine"])
-    corners = np.array([[x, y, z, 1.0] for x in (0, si[0] - 1) for y in (0, si[1] - 1) for z in (0, si[2] - 1)]).T
-    dist = float(np.linalg.norm((ai @ corners - al @ corners)[:3], axis=0).max())
-    voxel = float(np.linalg.norm(ai[:3, :3], axis=0).min()) or 1.0
-    if not np.isfinite(dist) or dist > GRID_TOLERANCE * voxel:
-        def geo(a):
-            sp = np.linalg.norm(a[:3, :3], axis=0)
-            return (f"spacing ({', '.join(f'{s:.4g}' for s in sp)}) mm, origin ({', '.join(f'{o:.4g}' for o in a[:3, 3])}), "
-                    f"directions {np.round(a[:3, :3] / np.where(sp == 0, 1, sp), 4).tolist()}")
-
-        return (f"label and image are on different grids (shape {si}; voxels up to {dist:.3g} mm apart): "
-                f"image {geo(ai)}; label {geo(al)}")
+    if not np.allclose(ai, al, atol=1e-3):
+        return f"label and image are on different grids (shape {si}; {grid_difference(al, ai)})"
     return None
 
 
 def check_pairs(datalist: list[dict], cache_path: str | None = None, source: str | None = None,
                 checks: FileChecks | None = None) -> tuple[list[dict], list[dict]]:
     """Split a datalist into usable pairs and refused ones, with the reason. Usable: both files read in full,
-    the image 3D and finite, the label integer ids >= 0, both on the same voxel grid (shape, and positions
-    within ``GRID_TOLERANCE`` of a voxel). Each file version is read once (``checks``, or a cache kept in
+    the image 3D and finite, the label integer ids >= 0, both on the same voxel grid (shape, and affine
+    within 1e-3 mm). Each file version is read once (``checks``, or a cache kept in
     ``cache_path``)."""
     own = checks is None
     checks = checks if checks is not None else FileChecks(cache_path)
