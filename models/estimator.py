@@ -145,36 +145,98 @@ def validate_inputs(image, label, spacing) -> tuple[np.ndarray, np.ndarray, tupl
 # Features
 
 
-def _crop_padded(arr: np.ndarray, lo, hi, fill) -> np.ndarray:
-    """arr[lo:hi] with out-of-volume parts filled with ``fill``."""
-    shape = arr.shape
-    src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, shape))
-    out = np.full(tuple(h - l for l, h in zip(lo, hi)), fill, dtype=arr.dtype)
-    dst = tuple(slice(s.start - l, s.stop - l) for s, l in zip(src, lo))
-    out[dst] = arr[src]
-    return out
+def _pool_bins(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of the ``size`` bins that area averaging of ``n`` voxels uses: those of
+    ``torch.nn.functional.adaptive_avg_pool3d`` (bin i covers floor(i*n/size) .. ceil((i+1)*n/size))."""
+    i = np.arange(size, dtype=np.int64)
+    return (i * n) // size, -((-(i + 1) * n) // size)
 
 
-def _context_crop(img_c: np.ndarray, lab_c: np.ndarray, sid: int, in_lo, in_hi) -> np.ndarray:
-    """The ``CHANNELS`` of the context crop, area-averaged to ``INPUT_SIZE`` (float16). ``in_lo:in_hi`` is the
-    part of the crop inside the volume: the "inside" channel is a product of one indicator per axis, so its
-    area average is the product of the three 1-D area averages (no full-resolution channel to build)."""
-    img = torch.from_numpy(img_c)
-    lab = torch.from_numpy(lab_c)
-    m = lab == sid
-    full = torch.empty((1, 4, *img.shape), dtype=torch.float32)
-    torch.clamp((img + 160.0) / 400.0, 0.0, 1.0, out=full[0, 0])
-    torch.clamp((img + 1000.0) / 1600.0, 0.0, 1.0, out=full[0, 1])
-    full[0, 2].copy_(m)
-    full[0, 3].copy_((lab > 0) & ~m)
-    pooled = F.adaptive_avg_pool3d(full, INPUT_SIZE)[0]
-    axes = []
-    for n, a, b, size in zip(img.shape, in_lo, in_hi, INPUT_SIZE):
-        ind = torch.zeros((1, 1, n), dtype=torch.float64)
-        ind[0, 0, int(a):int(b)] = 1.0
-        axes.append(F.adaptive_avg_pool1d(ind, size)[0, 0].float())
-    inside = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return torch.cat([pooled, inside[None]]).numpy().astype(np.float16)
+def _integral(channels: torch.Tensor) -> np.ndarray:
+    """Summed-volume table of ``channels`` (C, X, Y, Z): (C, X+1, Y+1, Z+1) float64, a zero plane first on each
+    axis, so that the sum over any box is 8 look-ups (float64: exact to ~1e-10 on volumes of millions of voxels)."""
+    c, x, y, z = channels.shape
+    out = torch.zeros((c, x + 1, y + 1, z + 1), dtype=torch.float64)
+    out[:, 1:, 1:, 1:] = channels
+    for ax in (1, 2, 3):
+        torch.cumsum(out, dim=ax, out=out)
+    return out.numpy()
+
+
+def _box_sums(table: np.ndarray, clo, chi, origin, extent) -> np.ndarray:
+    """Sums of the table's channels over the ``INPUT_SIZE`` area-averaging bins of the crop ``clo:chi`` (volume
+    coordinates): (C, *INPUT_SIZE). The table covers ``origin .. origin+extent`` and is zero outside (bins are
+    clipped to it). Each bin's sum is the signed sum of the table at its 8 corners (one gather per corner)."""
+    c, x1, y1, z1 = table.shape
+    flat = table.reshape(c, -1)
+    stride = (y1 * z1, z1, 1)
+    ends = []
+    for ax in range(3):
+        s, e = _pool_bins(int(chi[ax] - clo[ax]), INPUT_SIZE[ax])
+        shape = [1, 1, 1]
+        shape[ax] = INPUT_SIZE[ax]
+        ends.append([(np.clip(clo[ax] + v - origin[ax], 0, extent[ax]) * stride[ax]).reshape(shape) for v in (s, e)])
+    out = np.zeros((c, int(np.prod(INPUT_SIZE))), dtype=np.float64)
+    for a in (0, 1):
+        for b in (0, 1):
+            for d in (0, 1):
+                corner = np.take(flat, (ends[0][a] + ends[1][b] + ends[2][d]).ravel(), axis=1)
+                if (a + b + d) % 2:
+                    out += corner
+                else:
+                    out -= corner
+    return out.reshape(c, *INPUT_SIZE)
+
+
+class _CaseTables:
+    """Per case, once: summed-volume tables of the structure-independent crop channels (CT soft window, CT wide
+    window, any structure) over the part of the volume the wanted crops reach. A structure's crop is then a few
+    thousand look-ups instead of cropping, windowing and pooling its context box: the same numbers as area
+    averaging the padded crop (outside the volume every one of these channels is 0: -1024 HU is below both
+    windows, and the label is 0 there)."""
+
+    def __init__(self, image: np.ndarray, label: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]]):
+        shape = np.array(label.shape)
+        self.shape = shape
+        self.origin = np.maximum(np.min([b[0] for b in boxes], axis=0), 0)
+        stop = np.minimum(np.max([b[1] for b in boxes], axis=0), shape)
+        self.extent = stop - self.origin
+        region = tuple(slice(int(a), int(b)) for a, b in zip(self.origin, stop))
+        img = torch.from_numpy(np.ascontiguousarray(image[region]))
+        ch = torch.empty((3, *img.shape), dtype=torch.float32)
+        torch.clamp((img + 160.0) / 400.0, 0.0, 1.0, out=ch[0])
+        torch.clamp((img + 1000.0) / 1600.0, 0.0, 1.0, out=ch[1])
+        ch[2].copy_(torch.from_numpy(np.ascontiguousarray(label[region])) > 0)
+        self.table = _integral(ch)
+
+    def crop(self, sub: np.ndarray, lo: np.ndarray, clo: np.ndarray, chi: np.ndarray) -> np.ndarray:
+        """The ``CHANNELS`` of the context crop ``clo:chi`` of the structure whose mask in its bounding box
+        (starting at ``lo``) is ``sub``, area-averaged to ``INPUT_SIZE`` (float16)."""
+        soft, wide, anything = _box_sums(self.table, clo, chi, self.origin, self.extent)
+        mine = _box_sums(_integral(torch.from_numpy(sub)[None].float()), clo, chi, lo, np.array(sub.shape))[0]
+        denom = np.ones(INPUT_SIZE)
+        inside = np.ones(INPUT_SIZE)
+        for ax in range(3):
+            s, e = _pool_bins(int(chi[ax] - clo[ax]), INPUT_SIZE[ax])
+            shape = [1, 1, 1]
+            shape[ax] = INPUT_SIZE[ax]
+            n = (e - s).astype(np.float64)
+            a = np.clip(clo[ax] + s, 0, self.shape[ax])
+            b = np.clip(clo[ax] + e, 0, self.shape[ax])
+            denom = denom * n.reshape(shape)
+            inside = inside * ((b - a) / n).reshape(shape)
+        out = np.stack([soft, wide, mine, anything - mine]) / denom
+        return np.concatenate([out, inside[None]]).astype(np.float16)
+
+
+def _context_box(spacing: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The context crop of a bounding box ``lo:hi``: the box grown by the margins (may leave the volume)."""
+    ext_mm = (hi - lo) * spacing
+    margin_mm = np.array(
+        [max(MARGIN_XY[0] * ext_mm[0], MARGIN_XY[1]), max(MARGIN_XY[0] * ext_mm[1], MARGIN_XY[1]), max(MARGIN_Z[0] * ext_mm[2], MARGIN_Z[1])]
+    )
+    mv = np.ceil(margin_mm / spacing).astype(int)
+    return lo - mv, hi + mv
 
 
 def _hole_voxels(sub: np.ndarray) -> int:
@@ -191,7 +253,7 @@ def _hole_voxels(sub: np.ndarray) -> int:
     return int((~reached[bg]).sum())
 
 
-def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) -> StructureSample:
+def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int, tables: _CaseTables) -> StructureSample:
     shape = label.shape
     sp = np.asarray(spacing, dtype=np.float64)
     lo = np.array([s.start for s in sl])
@@ -220,15 +282,6 @@ def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) ->
     touches_xy = bool(lo[0] == 0 or lo[1] == 0 or hi[0] == shape[0] or hi[1] == shape[1])
     idx = np.nonzero(sub)
     centroid = [(float(i.mean()) + l + 0.5) / n for i, l, n in zip(idx, lo, shape)]
-
-    # The context crop: bounding box + margin.
-    margin_mm = np.array(
-        [max(MARGIN_XY[0] * ext_mm[0], MARGIN_XY[1]), max(MARGIN_XY[0] * ext_mm[1], MARGIN_XY[1]), max(MARGIN_Z[0] * ext_mm[2], MARGIN_Z[1])]
-    )
-    mv = np.ceil(margin_mm / sp).astype(int)
-    clo, chi = lo - mv, hi + mv
-    img_c = _crop_padded(image, clo, chi, np.float32(-1024.0))
-    lab_c = _crop_padded(label, clo, chi, np.int32(0))
 
     # Intensities inside and in a 1-voxel shell just outside the mask (6-connected, inside the volume): worked
     # out on the bounding box grown by one voxel, not the whole context crop (same voxels, far fewer to visit).
@@ -274,7 +327,8 @@ def _structure_sample(image, label, spacing, sid: int, sl: tuple, count: int) ->
         dtype=np.float32,
     )
 
-    crop = _context_crop(img_c, lab_c, sid, np.maximum(clo, 0) - clo, np.minimum(chi, shape) - clo)
+    clo, chi = _context_box(sp, lo, hi)
+    crop = tables.crop(sub, lo, clo, chi)
     flags = []
     if count < TINY_VOXELS:
         flags.append("tiny")
@@ -300,7 +354,9 @@ def extract_samples(image, label, spacing, ids=None, validate=True, workers: int
 
     Structures are independent: with several, they are worked out on ``workers`` threads (default: the cores
     this process may use, at most 4). The array work (numpy, scipy, torch) runs outside Python's lock, so on
-    2 cores the real CT's 61 structures take about 0.3 s instead of 0.5 s; the result is the same."""
+    2 cores the real CT's 61 structures take about 0.33 s instead of 0.50 s on one (medians of 10); the result
+    is the same. The crop channels come from summed-volume tables made once per case (:class:`_CaseTables`):
+    0.33 s instead of 0.43 s with a padded, pooled crop per structure (real CT, 2 threads, medians of 10)."""
     if validate:
         image, label, spacing = validate_inputs(image, label, spacing)
     objs = ndimage.find_objects(label)
@@ -310,11 +366,16 @@ def extract_samples(image, label, spacing, ids=None, validate=True, workers: int
     wanted = range(1, len(objs) + 1) if ids is None else sorted(int(i) for i in ids)
     jobs = [(sid, objs[sid - 1], int(counts[sid])) for sid in wanted
             if 1 <= sid <= len(objs) and objs[sid - 1] is not None and counts[sid] > 0]
+    if not jobs:
+        return []
+    sp = np.asarray(spacing, dtype=np.float64)
+    tables = _CaseTables(image, label, [_context_box(sp, np.array([x.start for x in j[1]]), np.array([x.stop for x in j[1]]))
+                                        for j in jobs])
     n = min(len(jobs), workers or _default_workers())
     if n <= 1:
-        return [_structure_sample(image, label, spacing, *j) for j in jobs]
+        return [_structure_sample(image, label, spacing, *j, tables) for j in jobs]
     with ThreadPoolExecutor(n) as ex:
-        return list(ex.map(lambda j: _structure_sample(image, label, spacing, *j), jobs))
+        return list(ex.map(lambda j: _structure_sample(image, label, spacing, *j, tables), jobs))
 
 
 # ----------------------------------------------------------------------------------------------------------

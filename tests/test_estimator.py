@@ -159,6 +159,57 @@ def test_structures_on_threads_give_the_same_samples(case):
         np.testing.assert_array_equal(a.features, b.features)
 
 
+def _reference_crop(image, label, sid, clo, chi):
+    """The context crop as first written: pad the box with -1024 HU / label 0, window, area-average with torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from labelsentinel.models.estimator import INPUT_SIZE
+
+    def padded(arr, fill):
+        out = np.full(tuple(int(h - l) for l, h in zip(clo, chi)), fill, dtype=arr.dtype)
+        src = tuple(slice(max(int(l), 0), min(int(h), n)) for l, h, n in zip(clo, chi, arr.shape))
+        out[tuple(slice(s.start - int(l), s.stop - int(l)) for s, l in zip(src, clo))] = arr[src]
+        return out
+
+    img = torch.from_numpy(padded(image, np.float32(-1024.0)))
+    lab = torch.from_numpy(padded(label, np.int32(0)))
+    inside = torch.from_numpy(padded(np.ones(image.shape, np.float32), np.float32(0.0)))
+    m = (lab == sid).float()
+    chans = [torch.clamp((img + 160) / 400, 0, 1), torch.clamp((img + 1000) / 1600, 0, 1), m, (lab > 0).float() - m, inside]
+    return F.adaptive_avg_pool3d(torch.stack(chans)[None].double(), INPUT_SIZE)[0].numpy()
+
+
+def test_context_crop_equals_area_averaging_of_the_padded_crop():
+    """The crop is read off summed-volume tables (no padded copy per structure); it must be the area average
+    of the padded, windowed crop, also where the context box leaves the volume on every side."""
+    from scipy import ndimage
+
+    from labelsentinel.models.estimator import _context_box, extract_samples
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(0, 400, (40, 33, 27)).astype(np.float32)
+    label = np.zeros(image.shape, np.int32)
+    label[0:9, 3:30, 0:27] = 1  # touches x=0 and both z faces
+    label[15:30, 10:20, 8:15] = 2  # inside
+    label[28:40, 25:33, 20:27] = 3  # touches the far faces
+    label[20, 5, 3] = 4  # one voxel
+    label[label == 2] = np.where(rng.uniform(size=(label == 2).sum()) < 0.3, 0, 2)  # holes, several parts
+    spacing = (0.8, 1.3, 2.5)
+    samples = extract_samples(image, label, spacing, workers=1)
+    objs = ndimage.find_objects(label)
+    assert [s.id for s in samples] == [1, 2, 3, 4]
+    for s in samples:
+        sl = objs[s.id - 1]
+        lo, hi = np.array([x.start for x in sl]), np.array([x.stop for x in sl])
+        clo, chi = _context_box(np.array(spacing), lo, hi)
+        ref = _reference_crop(image, label, s.id, clo, chi)
+        np.testing.assert_allclose(s.crop.astype(np.float64), ref, atol=1e-3)  # float16 storage
+        # one structure alone (as training extracts them): same crop
+        alone = extract_samples(image, label, spacing, ids=[s.id], workers=1)[0]
+        np.testing.assert_array_equal(alone.crop, s.crop)
+
+
 def test_score_labels_reads_ahead_and_keeps_going_past_bad_files(case, tmp_path):
     """The next case is read while one is estimated: a missing or corrupt file in the middle is an error for
     that case only, and every other case is scored in order."""
