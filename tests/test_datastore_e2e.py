@@ -231,7 +231,7 @@ def test_a_label_saved_with_another_extension_leaves_one_current_file(client, se
 
 
 # ------------------------------------------------------------------------------------------ defect: path traversal
-@pytest.mark.parametrize("bad", ["../../tmp/evil", "..", "a/b", "a\\b", "x\x00y", ".hidden", "x..y", "a b", "/abs"])
+@pytest.mark.parametrize("bad", ["../../tmp/evil", "..", "a/b", "a\\b", "x\x00y", ".hidden", "x..y", "a  b", " ab", "ab ", "a\tb", "/abs"])
 def test_unsafe_ids_and_tags_are_refused_and_nothing_is_written(server, tmp_path, bad):
     root = os.path.dirname(os.path.dirname(server.studies))
     before = {p for p in glob.glob(os.path.join(root, "**"), recursive=True)}
@@ -254,12 +254,20 @@ def test_unsafe_ids_and_tags_are_refused_and_nothing_is_written(server, tmp_path
     assert not os.path.exists("/tmp/evil.nii.gz") or os.path.getmtime("/tmp/evil.nii.gz") < time.time() - 3600
 
 
-def test_real_ids_are_accepted(server):
+def test_real_ids_are_accepted(server, client, tmp_path):
     src = os.path.join(server.studies, "case_001.nii.gz")
-    for good in ("1.2.840.113619.2.55.3.604688119.868.1234567890.123", "Case-A_01.v2"):
+    for good in ("1.2.840.113619.2.55.3.604688119.868.1234567890.123", "Case-A_01.v2", "Patient 01"):
         r = _put_image(server, good, src)
         assert r.status_code == 200 and r.json()["image"] == good, r.text
         assert os.path.isfile(os.path.join(server.studies, good + ".nii.gz"))
+    # a file name with a space (as a study exported by hand): labels saved and read back through the client
+    label, arr = _label_on(src, str(tmp_path / "l.nii.gz"), values=(5,))
+    client.save_label("Patient 01", label, tag="final")
+    stored = os.path.join(server.studies, "labels", "final", "Patient 01.nii.gz")
+    assert np.array_equal(np.asarray(nib.load(stored).dataobj), arr)
+    assert _objects(server)["Patient 01"]["labels"]["final"]["ext"] == ".nii.gz"
+    r = requests.get(f"{server.url}/datastore/label", params={"label": "Patient 01", "tag": "final"}, timeout=30)
+    assert r.status_code == 200 and r.content == open(stored, "rb").read()
 
 
 # ------------------------------------------------------------------------------------------ defect: Slicer label_info

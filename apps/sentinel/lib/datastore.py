@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
 HISTORY = os.path.join(".labelsentinel", "label-history")
-# Image ids and label tags as real studies use them: file names, DICOM UIDs (digits and dots).
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# Image ids and label tags as real studies use them: file names (with single spaces inside, as "Patient 01"),
+# DICOM UIDs (digits and dots).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]| (?! )){0,198}[A-Za-z0-9._-]|[A-Za-z0-9]")
 
 
 def name_problem(value: str | None, what: str) -> str | None:
@@ -53,7 +54,7 @@ def name_problem(value: str | None, what: str) -> str | None:
         return f"the {what} is empty"
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
         return (f"the {what} {value!r} is not allowed: use letters, digits, '.', '_' and '-' (starting with a letter "
-                "or digit; no path separators, '..', spaces or control characters)")
+                "or digit, single spaces inside; no path separators, '..' or control characters)")
     return None
 
 
