@@ -401,8 +401,8 @@ class BudgetStrategy(Strategy):
     whichever strategy) plus the planned cases out with an annotator *who was served them by this strategy*
     (its lease runs): cases out with annotators under other strategies are their work, not the budget's, and
     are not served here while they are out. A case an annotator let go without saving (asked for another, or
-    the lease expired) goes back to the plan, for anyone; a planned case whose image was deleted is skipped and
-    not counted. Serving never writes the plan, so it cannot undo a lead's new budget set at the same moment.
+    the lease expired) goes back to the plan, for anyone; a planned case whose image, or (not corrected yet) whose
+    pseudo-label, was deleted is skipped and not counted. Serving never writes the plan, so it cannot undo a lead's new budget set at the same moment.
     """
 
     name = "budget"
@@ -442,14 +442,23 @@ class BudgetStrategy(Strategy):
         return d
 
     @staticmethod
+    def _gone(datastore: Datastore, plan: dict, images: set, labeled: set) -> set[str]:
+        """Planned cases that can no longer be corrected as planned: the image was deleted, or (not corrected
+        yet) the pseudo-label the plan chose it for was deleted."""
+        pending = [c["case_id"] for c in plan["cases"] if c["case_id"] in images and c["case_id"] not in labeled]
+        still = with_tag(datastore, pending, plan.get("tag") or "original")
+        return {c["case_id"] for c in plan["cases"] if c["case_id"] not in images} | (set(pending) - still)
+
+    @staticmethod
     def _account(store: Store, datastore: Datastore, plan: dict) -> dict:
         images = set(datastore.list_images())
         labeled = set(datastore.get_labeled_images())
+        gone = BudgetStrategy._gone(datastore, plan, images, labeled)
         leases = store.leases()
         acc = {"corrected": [], "out": [], "out_elsewhere": [], "gone": [], "open": []}
         for c in plan["cases"]:
             cid = c["case_id"]
-            if cid not in images:
+            if cid in gone:
                 acc["gone"].append(c)
             elif cid in labeled:
                 acc["corrected"].append(c)
@@ -478,7 +487,8 @@ class BudgetStrategy(Strategy):
             "corrected_cases": len(acc["corrected"]),  # final label saved since the plan
             "out_cases": len(acc["out"]),  # out with annotators served by the budget strategy
             "out_elsewhere": [c["case_id"] for c in acc["out_elsewhere"]],  # planned, out under other strategies
-            "deleted_cases": [c["case_id"] for c in acc["gone"]],  # planned, image deleted since: skipped
+            # planned, image (or, not corrected yet, the pseudo-label it was planned for) deleted since: skipped
+            "deleted_cases": [c["case_id"] for c in acc["gone"]],
         }
         out["left_cases"] = None if plan["budget_cases"] is None else plan["budget_cases"] - len(used)
         out["left_minutes"] = None if plan["budget_minutes"] is None else round(plan["budget_minutes"] - used_minutes, 3)
@@ -497,11 +507,12 @@ class BudgetStrategy(Strategy):
             return self.status(store, datastore)
         images = set(datastore.list_images())
         labeled = set(datastore.get_labeled_images())
+        gone = self._gone(datastore, plan, images, labeled)
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
         for c in _skipped_last(plan["cases"], skipped, key=lambda c: c["case_id"]):
             cid = c["case_id"]
-            if cid not in images or cid in labeled or cid in busy:
+            if cid in gone or cid in labeled or cid in busy:
                 continue
             if store.acquire_lease(cid, client, ttl, strategy=self.name):
                 return {"id": cid, "expected_gain": c["gain"], "minutes": c["minutes"], **self.status(store, datastore)}
@@ -519,12 +530,16 @@ class BudgetStrategy(Strategy):
             return st
         used = (f"{st['used_cases']} of {len(plan['cases'])} planned case(s) used"
                 + (f", {st['used_minutes']} of {plan['budget_minutes']} minutes" if plan["budget_minutes"] is not None else ""))
-        gone = (f"; {len(st['deleted_cases'])} planned case(s) deleted since the plan: "
+        gone = (f"; {len(st['deleted_cases'])} planned case(s) deleted (image or pseudo-label) since the plan: "
                 f"{', '.join(st['deleted_cases'])}" if st["deleted_cases"] else "")
         waiting = len(plan["cases"]) - st["used_cases"] - len(st["deleted_cases"])
         if waiting > 0:  # planned cases not used yet, but out with other annotators (under other strategies too)
             st["reason"] = (f"nothing to serve now: the {waiting} planned case(s) not used yet are out with other "
                             f"annotators; budget {used}{gone}")
+        elif st["deleted_cases"] and (plan["budget_cases"] is None or st["left_cases"] > 0):
+            # the plan ran out, not the budget: what was deleted was never used
+            st["reason"] = (f"nothing left in the plan: {used}{gone}; set the budget again (`labelsentinel plan`) "
+                            "to plan what is left of it")
         else:
             st["reason"] = f"budget spent: {used}{gone}"
         return st

@@ -210,6 +210,18 @@ def test_budget_counts_its_own_cases_not_other_strategies_and_skips_deleted_imag
     got = budget({"client_id": "bud3"}, ds)
     assert not got.get("id") and got["deleted_cases"] == ["d"] and got["used_cases"] == 0
     assert "d" in got["reason"]
+    # a planned case whose pseudo-label was deleted before it was corrected: not served, not counted
+    q({"client_id": "q3"}, ds)  # q3 lets c go
+    del ds.labels["c"]["original"]
+    got = budget({"client_id": "bud3"}, ds)
+    assert not got.get("id") and got["deleted_cases"] == ["c", "d"] and got["used_cases"] == 0, got
+    assert "set the budget again" in got["reason"]
+    # a corrected planned case stays counted when its pseudo-label is deleted afterwards
+    BudgetStrategy.make_plan(s, ds, budget_cases=1)  # e
+    ds.labels["e"]["final"] = "y"
+    del ds.labels["e"]["original"]
+    st = BudgetStrategy.status(s, ds)
+    assert st["used_cases"] == 1 and st["deleted_cases"] == []
 
 
 def test_leases_of_an_older_store_get_their_strategy_column(tmp_path):

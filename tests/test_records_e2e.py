@@ -117,3 +117,12 @@ def test_budget_counts_its_own_cases_and_skips_deleted_ones(server):
     _wait(url, lambda ds: victim not in ds)
     got = requests.post(f"{url}/activelearning/budget", json={"client_id": "b3"}, timeout=30).json()
     assert got.get("id") != victim and victim in got["deleted_cases"] and got["used_cases"] == 1, got
+    # a planned case whose pseudo-label (not its image) is deleted before it was corrected: skipped, not counted
+    other = sorted(held)[1]
+    r = requests.delete(f"{url}/datastore/label", params={"id": other, "tag": "original"}, timeout=30)
+    assert r.status_code == 200
+    _wait(url, lambda ds: "original" not in ds[other])
+    requests.post(f"{url}/activelearning/quality", json={"client_id": "q2", "good_enough": 0.999}, timeout=30)
+    got = requests.post(f"{url}/activelearning/budget", json={"client_id": "b4"}, timeout=30).json()
+    assert not got.get("id") and sorted(got["deleted_cases"]) == sorted(held) and got["used_cases"] == 1, got
+    assert "set the budget again" in got["reason"] and other in got["reason"], got
