@@ -232,6 +232,11 @@ def plan_budget(records: list[dict], budget_cases: int | None = None, budget_min
                                   or not 0 <= threshold <= 1):
         raise ValueError(f"good-enough threshold must be a predicted Dice in [0, 1], got {threshold!r}")
     cost_model = cost_model or CostModel()
+    names = {s.get("name") for r in records for s in structures_of(r)}
+    typos = sorted(n for n in cost_model.structure_minutes if n not in names)
+    if records and typos:
+        raise ValueError(f"cost model: structure_minutes names {', '.join(map(repr, typos))}, which no scored case has; "
+                         f"the structures are: {', '.join(sorted(str(n) for n in names if n))}")
     gains = expected_gains(records)
     before = dataset_dice(records)
     excluded = set(exclude)

@@ -200,20 +200,30 @@ def suspects(signals: dict[str, dict], by: str = "loss", min_score: float | None
     return sorted(rows, key=lambda r: (-r[1], r[0]))
 
 
-def reviewed_since(signals: dict[str, dict], final_labels: dict[str, str | None]) -> set[str]:
-    """Samples whose final label was saved again (or is gone) since the signals were taken: an annotator looked
-    at it, so it is no longer a suspect. ``final_labels``: sample -> path of its final label now (None: none)."""
+def review_state(signals: dict[str, dict], final_labels: dict[str, str | None]) -> tuple[set[str], set[str]]:
+    """(reviewed, gone): samples whose final label was saved again since the signals were taken (an annotator
+    looked at it), and samples whose final label is no longer there (deleted: nobody reviewed it, but there is
+    nothing left to review). ``final_labels``: sample -> path of its final label now (None: none)."""
     from labelsentinel.store import file_stamp
 
-    out = set()
+    reviewed, gone = set(), set()
     for s, rec in signals.items():
         path = final_labels.get(s)
         try:
-            if path is None or file_stamp(path) != rec.get("label_stamp"):
-                out.add(s)
+            if path is None:
+                gone.add(s)
+            elif file_stamp(path) != rec.get("label_stamp"):
+                reviewed.add(s)
         except OSError:
-            out.add(s)
-    return out
+            gone.add(s)
+    return reviewed, gone
+
+
+def reviewed_since(signals: dict[str, dict], final_labels: dict[str, str | None]) -> set[str]:
+    """Samples that are no longer suspects: final label saved again since the signals were taken, or gone
+    (see :func:`review_state` to tell the two apart)."""
+    reviewed, gone = review_state(signals, final_labels)
+    return reviewed | gone
 
 
 def auroc(scores, is_error) -> float:

@@ -28,9 +28,9 @@ from labelsentinel.strategies.corrections import (
     prune_corrections,
     recalibrate,
 )
-from labelsentinel.strategies.label_errors import reviewed_since, suspects
+from labelsentinel.strategies.label_errors import review_state, suspects
 from labelsentinel.strategies.budget import CostModel, plan_budget
-from labelsentinel.strategies.ranking import METHODS, aggregate, rank_cases
+from labelsentinel.strategies.ranking import METHODS, aggregate, rank_cases, structures_of, unknown_structures
 from labelsentinel.strategies.scoring import LabelItem, score_labels
 
 logger = logging.getLogger(__name__)
@@ -351,7 +351,13 @@ class QualityStrategy(Strategy):
         method = str(_param(request, "aggregate", "min"))
         if method not in METHODS:
             raise ValueError(f"option aggregate must be one of {', '.join(METHODS)}, got {method!r}")
-        ranked = rank_cases(records, method, _structures(request), threshold)
+        subset = _structures(request)
+        unknown = unknown_structures(records, subset)
+        if unknown:
+            known = sorted({str(x.get("name") or x.get("id")) for r in records for x in structures_of(r)})
+            raise ValueError(f"option structures: no scored case has {', '.join(map(repr, unknown))}; the structures "
+                             f"are: {', '.join(known)} (names or ids, comma-separated)")
+        ranked = rank_cases(records, method, subset, threshold)
         scored = {r["case"] for r in records}
         return store, ranked, unlabeled, scored, threshold
 
@@ -536,6 +542,12 @@ class BudgetStrategy(Strategy):
         if waiting > 0:  # planned cases not used yet, but out with other annotators (under other strategies too)
             st["reason"] = (f"nothing to serve now: the {waiting} planned case(s) not used yet are out with other "
                             f"annotators; budget {used}{gone}")
+        elif len(plan["cases"]) == plan.get("candidates") and not st["deleted_cases"] and (
+                (st["left_cases"] or 0) > 0 or (st["left_minutes"] or 0) > 0):
+            # every case that needed a human was planned and used: the budget is not what ran out
+            st["reason"] = (f"nothing left to correct: all {len(plan['cases'])} case(s) below the good-enough threshold "
+                            f"when the budget was set are used ({used}); the other unlabeled cases were good enough. "
+                            "Set the budget again (`labelsentinel plan`) to plan from the latest scores")
         elif st["deleted_cases"] and (plan["budget_cases"] is None or st["left_cases"] > 0):
             # the plan ran out, not the budget: what was deleted was never used
             st["reason"] = (f"nothing left in the plan: {used}{gone}; set the budget again (`labelsentinel plan`) "
@@ -575,14 +587,18 @@ class ReviewStrategy(Strategy):
         for cid in signals:
             labels = datastore.get_labels_by_image_id(cid) if cid in images else {}
             finals[cid] = datastore.get_label_uri(labels[FINAL], FINAL) if FINAL in labels else None
-        reviewed = reviewed_since(signals, finals)
+        reviewed, gone = review_state(signals, finals)
         skipped = _let_go(store, client, ttl)
         busy = store.leased_by_others(client)
-        ranked = suspects(signals, by, min_score, exclude=reviewed | busy)
+        ranked = suspects(signals, by, min_score, exclude=reviewed | gone | busy)
         for cid, score in _skipped_last(ranked, skipped, key=lambda r: r[0]):
             if store.acquire_lease(cid, client, ttl):
                 worst = sorted(signals[cid]["structures"], key=lambda s: -s[f"{by}_z"])[:3]
                 return {"id": cid, "signal": by, "suspect_score": round(score, 3), "client_id": client,
                         "suspect_structures": [{"id": s["id"], "name": s["name"], "z": s[f"{by}_z"]} for s in worst]}
-        return {"reason": f"nothing to review: no unreviewed final label has a {by} score >= "
-                          f"{min_score:g} ({len(reviewed)} reviewed since the signals)"}
+        out_now = sorted(c for c, _ in suspects(signals, by, min_score, exclude=reviewed | gone) if c in busy)
+        counts = f"{len(reviewed)} reviewed since the signals" + (f", {len(gone)} deleted" if gone else "")
+        if out_now:
+            return {"reason": f"nothing to review now: the {len(out_now)} unreviewed final label(s) with a {by} score "
+                              f">= {min_score:g} are out with other annotators ({', '.join(out_now)}); {counts}"}
+        return {"reason": f"nothing to review: no unreviewed final label has a {by} score >= {min_score:g} ({counts})"}

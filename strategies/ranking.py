@@ -53,6 +53,19 @@ def _selected(structures: list[dict], subset) -> list[dict]:
     return [s for s in structures if str(s.get("id")) in keys or str(s.get("name") or "").lower() in keys]
 
 
+def unknown_structures(records: list[dict], subset) -> list[str]:
+    """The entries of a structure filter (names or ids) that match no structure of any of ``records`` (a typo:
+    the filter would silently leave every case out). Nothing is unknown when there are no records."""
+    if not subset or not records:
+        return []
+    known = set()
+    for r in records:
+        for s in structures_of(r):
+            known.add(str(s.get("id")))
+            known.add(str(s.get("name") or "").lower())
+    return [x for x in subset if str(x).strip().lower() not in known]
+
+
 def _check(d) -> float:
     d = float(d)
     if math.isnan(d) or d < 0 or d > 1:

@@ -272,3 +272,47 @@ def test_random_and_first_never_serve_an_open_case_to_another_annotator(tmp_path
     ds3.info = {"p": {"strategy": {"random": {"ts": now}}}, "q": {"strategy": {"random": {"ts": now - 3600}}}}
     picks = [RandomStrategy(lambda: Store(str(tmp_path / f"r{i}")))({"client_id": "r"}, ds3)["id"] for i in range(40)]
     assert picks.count("q") >= 35, picks
+
+
+def test_cost_model_naming_a_structure_no_case_has_is_refused():
+    """A lead's override for a misspelt structure would silently change nothing."""
+    from labelsentinel.strategies.ranking import unknown_structures
+
+    recs = [rec("a", 0.3, 0.5), rec("b", 0.6)]
+    with pytest.raises(ValueError, match=r"'livr'.*no scored case has.*s1, s2"):
+        plan_budget(recs, budget_minutes=30, cost_model=CostModel(structure_minutes={"livr": 100, "s1": 3}))
+    assert plan_budget(recs, budget_minutes=30, cost_model=CostModel(structure_minutes={"s2": 3})).cases
+    assert plan_budget([], budget_minutes=30, cost_model=CostModel(structure_minutes={"livr": 1})).cases == []
+    # the structure filter of the strategies: names (any case) or ids
+    assert unknown_structures(recs, ["S1", "2", "livr"]) == ["livr"]
+    assert unknown_structures([], ["livr"]) == [] and unknown_structures(recs, None) == []
+
+
+def test_quality_strategy_refuses_a_structure_filter_no_case_has(tmp_path):
+    from labelsentinel.strategies.monailabel_adapters import QualityStrategy
+
+    s, ds = Store(str(tmp_path / "db")), _Datastore("ab")
+    for cid, d in (("a", 0.3), ("b", 0.5)):
+        s.put_quality(cid, "original", "x", "v", record={**rec(cid, d, 0.9), "tag": "original", "estimator_version": "v"})
+    q = QualityStrategy(lambda: s, 0.9)
+    with pytest.raises(ValueError, match=r"option structures: no scored case has 'livr'.*s1, s2"):
+        q({"client_id": "x", "structures": "livr"}, ds)
+    assert q({"client_id": "x", "structures": "s2"}, ds).get("reason")  # s2 is good enough everywhere
+    assert q({"client_id": "y", "structures": "s1"}, ds)["id"] == "a"
+
+
+def test_budget_says_when_every_case_needing_a_human_is_used_before_the_budget(tmp_path):
+    from labelsentinel.strategies.monailabel_adapters import BudgetStrategy
+
+    s, ds = Store(str(tmp_path / "db")), _Datastore("abcd")
+    for cid, d in (("a", 0.3), ("b", 0.5), ("c", 0.95), ("d", 0.97)):
+        s.put_quality(cid, "original", "x", "v", record={**rec(cid, d), "tag": "original", "estimator_version": "v"})
+    strat = BudgetStrategy(lambda: s, 0.9)
+    BudgetStrategy.make_plan(s, ds, budget_cases=10, threshold=0.9)  # only a and b need a human
+    assert {strat({"client_id": c}, ds)["id"] for c in ("p", "q")} == {"a", "b"}
+    got = strat({"client_id": "r"}, ds)
+    assert not got.get("id") and got["left_cases"] == 8
+    assert "budget spent" not in got["reason"] and "nothing left to correct" in got["reason"], got
+    BudgetStrategy.make_plan(s, ds, budget_cases=1)
+    ds.final.add("a")
+    assert "budget spent" in strat({"client_id": "r"}, ds)["reason"]

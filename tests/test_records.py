@@ -296,3 +296,35 @@ def test_training_payload_leaves_out_reviewed_suspects_and_names_their_run(tmp_p
     assert [x["case"] for x in t["reviewed_suspects"]] == ["b"]
     assert not t["suspects_from_last_run"] and t["signals_run"]["run_id"] == "run1"
     assert t["signals_run"]["ts"] == pytest.approx(t1) and t["last"]["run_id"] == "run2"
+
+
+# --- 7. the review strategy: who has the suspects, and deleted final labels ----------------------------------------
+def test_review_says_the_suspects_are_out_and_does_not_call_a_deleted_label_reviewed(tmp_path):
+    from labelsentinel.strategies.label_errors import review_state
+    from labelsentinel.strategies.monailabel_adapters import ReviewStrategy
+
+    s = Store(str(tmp_path / "db"))
+    labels = {}
+    for c in ("a", "b", "c"):
+        _write(tmp_path / f"{c}_f.nii.gz", np.ones((4, 4, 2)))
+        labels[c] = {"final": str(tmp_path / f"{c}_f.nii.gz")}
+    ds = DS(tmp_path, labels)
+    sig = {c: {"loss": v, "vog": 0.0, "structures": [], "label_stamp": file_stamp(labels[c]["final"])}
+           for c, v in {"a": 5.0, "b": 4.0, "c": 0.1}.items()}
+    s.put_signals("run1", sig)
+    review = ReviewStrategy(lambda: s)
+    assert review({"client_id": "r1"}, ds)["id"] == "a"
+    assert review({"client_id": "r2"}, ds)["id"] == "b"
+    got = review({"client_id": "r3"}, ds)
+    assert not got.get("id") and "out with other annotators (a, b)" in got["reason"], got
+    # b's final label deleted: not a suspect any more, and not "reviewed" either
+    del ds.labels["b"]["final"]
+    finals = {c: ds.labels[c].get("final") for c in sig}
+    assert review_state(sig, finals) == (set(), {"b"})
+    got = review({"client_id": "r3"}, ds)
+    assert "(a)" in got["reason"] and "0 reviewed since the signals, 1 deleted" in got["reason"], got
+    # a saved again: reviewed; nothing left at all
+    time.sleep(0.01)
+    _write(tmp_path / "a_f.nii.gz", np.ones((4, 4, 2)) * 2)
+    got = review({"client_id": "r3"}, ds)
+    assert got["reason"].startswith("nothing to review: no unreviewed") and "1 reviewed" in got["reason"], got
