@@ -39,13 +39,32 @@ FINAL = "final"
 
 
 def correction_pairs(datastore: Datastore, image_ids=None) -> list[tuple[str, str, str, str]]:
-    """(image, pseudo tag, pseudo-label path, final label path) of every case with a final and a pseudo-label."""
+    """(image, pseudo tag, pseudo-label path, final label path) of every case with a final and a pseudo-label.
+
+    A final label the datastore lists as labeled but not among the image's labels (on a DICOMweb datastore: a
+    SEG that is only in the PACS, saved by another server or a PACS workstation) is fetched through
+    ``get_label_uri(image, "final")``; one that cannot be fetched now is left for the next scoring."""
     out = []
+    try:
+        labeled = set(datastore.get_labeled_images())
+    except Exception as e:  # a PACS outage: the final labels listed locally still count
+        logger.error(f"labeled images could not be listed: {type(e).__name__}: {e}")
+        labeled = set()
     for image_id in image_ids if image_ids is not None else datastore.list_images():
         labels = datastore.get_labels_by_image_id(image_id)
-        if FINAL not in labels:
+        if FINAL in labels:
+            final = datastore.get_label_uri(labels[FINAL], FINAL)
+        elif image_id in labeled and any(t not in (FINAL, "refurbished") for t in labels):
+            try:
+                final = datastore.get_label_uri(image_id, FINAL)
+            except Exception as e:
+                logger.error(f"final label of {image_id} could not be fetched, its correction waits for the next "
+                             f"scoring: {type(e).__name__}: {e}")
+                continue
+            if not final:
+                continue
+        else:
             continue
-        final = datastore.get_label_uri(labels[FINAL], FINAL)
         for tag, label_id in labels.items():
             if tag not in (FINAL, "refurbished"):
                 out.append((image_id, tag, datastore.get_label_uri(label_id, tag), final))

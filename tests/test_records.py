@@ -175,6 +175,36 @@ def test_pairs_of_a_deleted_or_unreadable_final_label_no_longer_count(tmp_path):
     assert res["recorded"] == 1 and {p["image_id"] for p in s.corrections()} == {"c1", "c2", "c3"}
 
 
+class _RemoteFinals(DS):
+    """A DICOMweb-like datastore: some final labels are SEGs only in the PACS, listed as labeled but not among
+    the image's labels until ``get_label_uri(image, "final")`` fetches them into the cache."""
+
+    def __init__(self, root, labels, remote):
+        super().__init__(root, labels)
+        self.remote, self.fetched = dict(remote), []
+
+    def get_labeled_images(self, *a):
+        return sorted(set(super().get_labeled_images()) | set(self.remote))
+
+    def get_label_uri(self, label_id, tag, image_id=""):
+        if tag == "final" and "final" not in self.labels[label_id]:
+            self.fetched.append(label_id)
+            self.labels[label_id]["final"] = self.remote.pop(label_id)
+        return super().get_label_uri(label_id, tag)
+
+
+def test_a_final_label_only_in_the_pacs_is_fetched_and_its_correction_recorded(tmp_path):
+    from labelsentinel.strategies.monailabel_adapters import record_corrections
+
+    s, ds = _corrected(tmp_path, n=3)
+    remote = {"c2": ds.labels["c2"].pop("final")}  # c2's final label is a SEG in the PACS only
+    ds = _RemoteFinals(tmp_path, ds.labels, remote)
+    res = record_corrections(s, ds, "v", 0.05)
+    assert res["recorded"] == 3 and ds.fetched == ["c2"], res
+    assert {p["image_id"] for p in s.corrections()} == {"c0", "c1", "c2"}
+    assert record_corrections(s, ds, "v", 0.05)["recorded"] == 0 and ds.fetched == ["c2"]  # fetched once
+
+
 # --- 3. budget used -----------------------------------------------------------------------------------------------
 def test_budget_counts_its_own_cases_not_other_strategies_and_skips_deleted_images(tmp_path):
     from labelsentinel.strategies.monailabel_adapters import BudgetStrategy, QualityStrategy
