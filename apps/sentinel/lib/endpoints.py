@@ -392,14 +392,27 @@ def register_train_route(fastapi_app) -> None:
     """``POST /train/{model}`` as MONAI Label answers it, but the options are checked before a run is queued: a
     bad value (``pseudo_labels=bogus``, ``max_epochs=0``, ``lr=-1``) answers HTTP 422 naming every bad option,
     an unknown model 404, and a synchronous run that stops on bad input (no usable final labels) 422 with the
-    reason, where MONAI Label answers a bare 500 or queues a run that fails later."""
+    reason, where MONAI Label answers a bare 500 or queues a run that fails later.
+
+    One run at a time, also for simultaneous requests: MONAI Label's "already running" check looks only at the
+    training processes already started, and a queued run gets its process a moment later in another thread,
+    so requests arriving together were all queued and ran one after another. Here the check (a training
+    process, or a run queued and not started yet) and the queuing happen under one lock; every request but
+    the first answers HTTP 429 as MONAI Label answers a second one. ``enqueue=true`` still queues behind."""
+    import threading
+
     from fastapi import Depends
     from monailabel.config import settings
     from monailabel.endpoints.train import run_model
     from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.utils.async_tasks.utils import processes, tasks
 
     if any(getattr(r, "name", "") == "labelsentinel_train" for r in fastapi_app.router.routes):
         return
+    lock = threading.Lock()
+
+    def busy() -> bool:
+        return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
 
     def train(model: str, params: dict | None = Body(None), run_sync: bool = False, enqueue: bool = False,
               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
@@ -415,6 +428,12 @@ def register_train_route(fastapi_app) -> None:
             except ValueError as e:
                 raise HTTPException(status_code=422, detail=str(e)) from e
         try:
+            if not enqueue:
+                with lock:
+                    if busy():
+                        raise HTTPException(status_code=429, detail="++++++++++ Train Task is Already Running")
+                    if not run_sync:  # queued while the lock is held: the next request sees it
+                        return run_model(model, params, run_sync, enqueue)
             return run_model(model, params, run_sync, enqueue)
         except ValueError as e:  # a synchronous run refused its input
             raise HTTPException(status_code=422, detail=str(e)) from e

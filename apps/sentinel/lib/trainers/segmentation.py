@@ -371,10 +371,12 @@ class Segmentation(BasicTrainTask):
         request.update(values)
 
     def __call__(self, request, datastore):
-        """MONAI Label's run, and its record (store ``training_runs``, ``train_data.json``) written when it ends:
-        ``status`` finished, or failed with the ``error`` (a failure in the data checks, the options or
-        training itself). A run killed from outside (DELETE /train) leaves no record."""
-        self._run = None
+        """MONAI Label's run, and its record (store ``training_runs``, ``train_data.json``, and
+        ``train_refused.json`` once the data checks ran) written when it ends: ``status`` finished, or failed
+        with the ``error`` (a failure in the data checks, the options or training itself). Nothing is written
+        before: a run killed from outside (DELETE /train) leaves no record, and the files keep describing the
+        last run that ended."""
+        self._run, self._checked = None, False
         try:
             result = super().__call__(request, datastore)
         except BaseException as e:
@@ -396,9 +398,10 @@ class Segmentation(BasicTrainTask):
         if isinstance(result, dict) and result.get("best_metric") is not None:
             run["best_metric"] = result["best_metric"]
         try:
-            os.makedirs(self._model_dir, exist_ok=True)
-            with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
-                json.dump(run, f, indent=1)
+            if self._checked:
+                self._write_json("train_refused.json", {"ts": int(time.time()), "run_id": run.get("run_id"),
+                                                        "refused": run["refused"]})
+            self._write_json("train_data.json", run)
             if self.sentinel:
                 store = self.sentinel["store"]()
                 runs = store.get_setting("training_runs", []) or []
@@ -407,13 +410,17 @@ class Segmentation(BasicTrainTask):
             logger.error(f"training run record not written: {e}")
         logger.info(f"training run {run.get('run_id')} {status}" + (f": {run['error']}" if run.get("error") else ""))
 
-    def _write_refused(self, run: dict) -> None:
+    def _write_json(self, name: str, data: dict) -> None:
+        """``MODEL_DIR/segmentation/name`` replaced in one step (a reader never sees half a file)."""
         os.makedirs(self._model_dir, exist_ok=True)
-        with open(os.path.join(self._model_dir, "train_refused.json"), "w") as f:
-            json.dump({"ts": int(time.time()), "run_id": run.get("run_id"), "refused": run["refused"]}, f, indent=1)
+        path = os.path.join(self._model_dir, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
 
     def pre_process(self, request, datastore):
-        # the run's record, completed below and written when the run ends (``__call__``)
+        # the run's record, completed below and written when the run ends (``_end_run``), never before
         self._run = run = {"run_id": request.get("run_id"), "ts": time.time(), "status": "running", "finals": 0,
                            "pseudo_labels": [], "refurbished": [], "refused": []}
         self.check_options(request)
@@ -430,8 +437,8 @@ class Segmentation(BasicTrainTask):
             for r in refused:
                 r.setdefault("case", _case_id(datastore, r["image"]))
             run["refused"] = refused
+            self._checked = True  # (pseudo-labels refused below are added to the same list)
             if not good:
-                self._write_refused(run)
                 msg = "no usable final labels to train on"
                 if refused:
                     msg += f"; refused: {'; '.join(r['error'] for r in refused)}"
@@ -449,9 +456,6 @@ class Segmentation(BasicTrainTask):
                                  "case": p["case"]})
         finally:
             checks.save()
-        self._write_refused(run)
-        with open(os.path.join(self._model_dir, "train_data.json"), "w") as f:
-            json.dump(run, f, indent=1)
         logger.info(f"training data: {run['finals']} final labels, {len(run['pseudo_labels'])} pseudo-labels, "
                     f"{len(run['refurbished'])} refurbished, {len(run['refused'])} pair(s) skipped; on {device}"
                     f"{' with mixed precision' if run['amp'] else ''}")
