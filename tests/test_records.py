@@ -326,6 +326,11 @@ def test_training_payload_leaves_out_reviewed_suspects_and_names_their_run(tmp_p
     assert [x["case"] for x in t["reviewed_suspects"]] == ["b"]
     assert not t["suspects_from_last_run"] and t["signals_run"]["run_id"] == "run1"
     assert t["signals_run"]["ts"] == pytest.approx(t1) and t["last"]["run_id"] == "run2"
+    # a's final label deleted: neither a suspect nor reviewed
+    del ds.labels["a"]["final"]
+    t = training_payload(s, ds)
+    assert t["suspects"] == [] and [x["case"] for x in t["reviewed_suspects"]] == ["b"]
+    assert [x["case"] for x in t["deleted_suspects"]] == ["a"]
 
 
 # --- 7. the review strategy: who has the suspects, and deleted final labels ----------------------------------------

@@ -28,21 +28,23 @@ def training_payload(store, datastore=None) -> dict:
     """The last training run (which pseudo-labels it used and why, what it refurbished) and the final labels the
     label-error signals flag, most suspect first (loss z-score >= 2, the review strategy's default).
 
-    ``suspects`` are the flagged final labels not reviewed since (a final label saved again, or gone, counts as
-    reviewed, as in the review strategy); those are listed under ``reviewed_suspects``. Signals are written only
+    ``suspects`` are the flagged final labels not reviewed since (as in the review strategy); those saved again
+    since are listed under ``reviewed_suspects``, those deleted since under ``deleted_suspects``. Signals are written only
     by a run with at least 2 checkpoints, so they may come from an earlier run than the last: ``signals_run`` is
     the run they come from (its ``run_id`` and time ``ts``), and ``suspects_from_last_run`` says whether that is
     the last run."""
-    from labelsentinel.strategies.label_errors import reviewed_since, suspects
+    from labelsentinel.strategies.label_errors import review_state, suspects
 
     runs = store.get_setting("training_runs", []) or []
     last = runs[-1] if runs else None
     signals = store.signals()
     flagged = suspects(signals, "loss", 2.0) if signals else []
     reviewed: set = set()
+    gone: set = set()
     if flagged and datastore is not None:
         try:
-            reviewed = reviewed_since({c: signals[c] for c, _ in flagged}, final_label_paths(datastore, [c for c, _ in flagged]))
+            reviewed, gone = review_state({c: signals[c] for c, _ in flagged},
+                                          final_label_paths(datastore, [c for c, _ in flagged]))
         except Exception as e:  # the datastore cannot be read now: shown as flagged, not hidden
             logger.error(f"suspect final labels: review state unknown ({type(e).__name__}: {e})")
 
@@ -58,8 +60,9 @@ def training_payload(store, datastore=None) -> dict:
     signal_runs = sorted(by_run.values(), key=lambda r: r["ts"] or 0)
     latest = signal_runs[-1] if signal_runs else None
     return {"runs": len(runs), "last": last,
-            "suspects": [row(c, z) for c, z in flagged if c not in reviewed],
+            "suspects": [row(c, z) for c, z in flagged if c not in reviewed | gone],
             "reviewed_suspects": [row(c, z) for c, z in flagged if c in reviewed],
+            "deleted_suspects": [row(c, z) for c, z in flagged if c in gone],
             "signals_run": latest,
             "signals_runs": signal_runs,
             "suspects_from_last_run": bool(latest and last and str(latest["run_id"]) == str(last.get("run_id")))}
