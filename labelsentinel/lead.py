@@ -5,7 +5,10 @@
     labelsentinel report --server URL --out DIR [--score]
 
 ``--score`` asks the server to (re)score the labels first (``POST /scoring/quality``) and shows progress
-until it is done; scoring is incremental, so this is quick when nothing changed.
+until it is done: the task's last output line, or while it waits behind another scoring task (MONAI Label runs
+them one at a time), which task runs, since when and its last output line; scoring is incremental, so this is
+quick when nothing changed. ``status`` and ``report`` also say whether a training run is in progress (MONAI
+Label's ``GET /train/``: the record store has a run only once it ended).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -64,8 +68,71 @@ def _get(server: str, path: str, **kw):
     return _answer(r, server, path)
 
 
+# MONAI Label's log line prefix, "[2026-01-02 10:11:12,345] [pid] [thread] [LEVEL] (module:line) - ", and
+# MONAI/ignite's in a training run, "2026-01-02 10:11:12,345 - INFO - "
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\] \[[^\]]*\] \[[^\]]*\] \[[^\]]*\] \([^)]*\) - "
+                         r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - [A-Z]+ - )")
+_ENDED = ("DONE", "ERROR", "STOPPED")
+
+
+def _log_message(line: str) -> str:
+    """A task's output line without MONAI Label's time/pid/thread/level prefix."""
+    return _LOG_PREFIX.sub("", str(line)).strip()
+
+
+def task_list(server: str, kind: str) -> list[dict]:
+    """MONAI Label's background tasks of a kind (``scoring``, ``train``), oldest first, as ``GET /{kind}/?all=true``
+    lists them: ``id``, ``status`` (SUBMITTED, RUNNING, DONE, ERROR, STOPPED), ``request``, ``start_ts`` (when it
+    was submitted, server time), ``end_ts``, ``details`` (its last 20 output lines). [] when there is none yet."""
+    try:
+        r = requests.get(f"{server.rstrip('/')}/{kind}/", params={"all": "true"}, timeout=60)
+    except requests.RequestException as e:
+        raise ServerError(f"cannot reach {server}: {e}") from e
+    if r.status_code == 404 and "Tasks Found" in r.text:  # MONAI Label's answer when no task was ever submitted
+        return []
+    got = _answer(r, server, f"/{kind}/?all=true")
+    return got if isinstance(got, list) else [got]
+
+
+def running_task(tasks: list[dict]) -> dict | None:
+    """The task running now: ``task``, ``started`` (server time: MONAI Label runs a kind's tasks one at a time in
+    the order submitted, so a task queued behind another started when that one ended), ``last_line`` (its last
+    output line), ``queued`` (tasks waiting behind it). None when none is running."""
+    for i, t in enumerate(tasks):
+        if t.get("status") != "RUNNING":
+            continue
+        started = max(str(t.get("start_ts") or ""), str((tasks[i - 1].get("end_ts") if i else None) or ""))
+        details = [_log_message(d) for d in t.get("details") or []]
+        details = [d for d in details if d]
+        return {"task": t, "id": t.get("id"), "what": (t.get("request") or {}).get("method") or
+                (t.get("request") or {}).get("model") or "?", "started": started or "?",
+                "last_line": details[-1] if details else "",
+                "queued": sum(1 for u in tasks[i + 1:] if u.get("status") == "SUBMITTED")}
+    return None
+
+
+def scoring_progress(tasks: list[dict], target: str) -> str:
+    """One line on the scoring task ``target`` (an id): its last output line while it runs; while it waits, which
+    task runs ahead of it, since when, and that task's last output line."""
+    mine = next((t for t in tasks if t.get("id") == target), None)
+    if mine is None:
+        return "?"
+    run = running_task(tasks)
+    if mine.get("status") == "RUNNING" and run:
+        return f"running since {run['started']} (server time): {run['last_line'] or 'starting'}"
+    if mine.get("status") == "SUBMITTED":
+        ahead = [t for t in tasks[:tasks.index(mine)] if t.get("status") == "SUBMITTED"]
+        if not run:
+            return f"queued ({len(ahead)} task(s) ahead), waiting for MONAI Label to start it"
+        return (f"queued ({len(ahead) + 1} task(s) ahead); running: {run['what']} scoring since {run['started']} "
+                f"(server time): {run['last_line'] or 'starting'}")
+    return str(mine.get("status"))
+
+
 def run_scoring(server: str, timeout: float = 3600, out=sys.stderr) -> dict:
-    """Start quality scoring (or join the one running) and wait for it, printing progress."""
+    """Start quality scoring and wait for it, printing progress: the task's last output line, or while it waits
+    behind another scoring task, which task runs, since when, and its last output line. When a scoring task is
+    running already (MONAI Label refuses a second one: HTTP 429), the last one submitted is joined."""
     base = server.rstrip("/")
     r = requests.post(f"{base}/scoring/quality", timeout=60)
     if r.status_code == 404:
@@ -73,19 +140,38 @@ def run_scoring(server: str, timeout: float = 3600, out=sys.stderr) -> dict:
                           "running another app? Start it with --app apps/sentinel (or `make run`)")
     if r.status_code not in (200, 429):
         raise ServerError(f"/scoring/quality: HTTP {r.status_code}: {_body(r)}")
+    target = None
+    if r.status_code == 200:
+        try:
+            target = r.json().get("id")
+        except (ValueError, AttributeError):
+            target = None
+    tty = hasattr(out, "isatty") and out.isatty()
+    width = max(40, shutil.get_terminal_size((160, 20)).columns - 10) if tty else 200
     t0, last = time.time(), ""
     while time.time() - t0 < timeout:
-        st = _get(server, "/scoring/")
-        details = st.get("details") or []
-        lines = [d for d in details if "quality scoring [" in d]
-        msg = lines[-1].split("quality scoring ", 1)[1] if lines else st.get("status", "")
+        tasks = task_list(server, "scoring")
+        if target is None:  # joining: the last task submitted (it may still be queued behind the running one)
+            if not tasks:
+                raise ServerError("/scoring/quality answered that scoring runs already (HTTP 429), but the server "
+                                  "lists no scoring task")
+            live = [t for t in tasks if t.get("status") not in _ENDED]
+            target = (live or tasks)[-1].get("id")
+        st = next((t for t in tasks if t.get("id") == target), None)
+        if st is None:
+            raise ServerError(f"the scoring task {target} is no longer listed by {server} (was the server restarted?)")
+        msg = scoring_progress(tasks, target) if st.get("status") not in _ENDED else last
         if msg != last:
-            print(f"\rscoring: {msg[:100]:<100}", end="", file=out, flush=True)
+            if tty:
+                print(f"\rscoring: {msg[:width]:<{width}}", end="", file=out, flush=True)
+            else:
+                print(f"scoring: {msg[:width]}", file=out, flush=True)
             last = msg
-        if st.get("status") in ("DONE", "ERROR", "STOPPED"):
-            print(f"\rscoring: {st.get('status')} after {time.time() - t0:.0f} s{' ' * 80}", file=out)
+        if st.get("status") in _ENDED:
+            print(f"{chr(13) if tty else ''}scoring: {st.get('status')} after {time.time() - t0:.0f} s"
+                  f"{' ' * (width - 20) if tty else ''}", file=out)
             if st.get("status") != "DONE":
-                raise ServerError(f"scoring ended as {st.get('status')}: {(details or [''])[-1][:300]}")
+                raise ServerError(f"scoring ended as {st.get('status')}: {_log_message((st.get('details') or [''])[-1])[:300]}")
             return st
         time.sleep(1)
     raise ServerError(f"scoring did not finish in {timeout:.0f} s")
@@ -107,6 +193,10 @@ def summarize(q: dict, method: str = "min") -> dict:
     pending = [r for r in scored if not r["has_final"]]
     aggs = [aggregate(r["record"], method) for r in pending]
     aggs = [a for a in aggs if a is not None]
+    images = set(q["images"])
+    leases = q.get("leases") or {}
+    live = {c: v for c, v in leases.items() if c in images}
+    stale = {c: v for c, v in leases.items() if c not in images}
     return {
         "images": len(q["images"]),
         "with_final_label": len(q["labeled"]),
@@ -119,8 +209,10 @@ def summarize(q: dict, method: str = "min") -> dict:
         "unlabeled_scored": len(aggs),
         "below_threshold": sum(a < thr for a in aggs),
         "above_threshold": sum(a >= thr for a in aggs),
-        "out_with_annotators": len(q.get("leases", {})),
-        "annotators": _annotators(q.get("leases", {})),
+        "out_with_annotators": len(live),
+        "annotators": _annotators(live),
+        # leases the server still holds on images deleted since they were served (no case to annotate)
+        "stale_leases": _annotators(stale),
         "corrections": _corrections_summary(q),
         "training": _training_summary(q),
     }
@@ -154,9 +246,33 @@ def _training_summary(q: dict) -> dict:
             "suspects_from_last_run": t.get("suspects_from_last_run", True)}
 
 
+def training_now(server: str) -> dict | None:
+    """The training run in progress on the server (MONAI Label's ``GET /train/?all=true``; the record store has a
+    run only once it ended): ``model``, ``started`` (server time), ``last_line`` (its last output line), ``queued``
+    (runs waiting behind it). None when none runs; ``{"unknown": why}`` when the server does not say."""
+    try:
+        run = running_task(task_list(server, "train"))
+    except ServerError as e:
+        return {"unknown": str(e)}
+    if not run:
+        return None
+    return {"id": run["id"], "model": run["what"], "started": run["started"], "last_line": run["last_line"],
+            "queued": run["queued"]}
+
+
+def _training_now_text(now: dict | None) -> str:
+    if not now:
+        return "no training run in progress"
+    if "unknown" in now:
+        return f"unknown whether a training run is in progress ({now['unknown'][:200]})"
+    return (f"a {now['model']} training run is in progress, started {now['started']} (server time)"
+            + (f", {now['queued']} more queued" if now.get("queued") else "")
+            + (f"; its last output line: {now['last_line'][:200]}" if now.get("last_line") else ""))
+
+
 def _training_text(t: dict) -> str:
     if not t["runs"]:
-        return "no training run yet"
+        return "no finished training run yet"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["last_ts"])) if t["last_ts"] else "?"
     pl = ", ".join(p["case"] for p in t["last_pseudo_labels"]) or "none"
     if t.get("last_status") == "failed":
@@ -213,8 +329,10 @@ def cmd_status(args) -> int:
     q = _get(args.server, "/labelsentinel/quality")
     s = summarize(q)
     budget = _get(args.server, "/labelsentinel/budget")["status"]
+    now = training_now(args.server)
     if args.json:
-        print(json.dumps({"server": args.server, "app": info.get("name"), **s, "budget": budget}, indent=1))
+        print(json.dumps({"server": args.server, "app": info.get("name"), **s, "training_now": now, "budget": budget},
+                         indent=1))
         return 0
     print(f"{info.get('name')} at {args.server}")
     print(f"  images: {s['images']} ({s['with_final_label']} with a final label, {len(s['unreadable_images'])} unreadable)")
@@ -224,7 +342,12 @@ def cmd_status(args) -> int:
     print(f"  out with annotators: {s['out_with_annotators']}")
     for who, cases in s["annotators"].items():
         print(f"    {who}: " + ", ".join(f"{c} (until {t})" for c, t in cases))
+    if s["stale_leases"]:
+        print(f"  leases on images deleted since (not counted above): "
+              + "; ".join(f"{who}: {', '.join(c for c, _ in cases)}" for who, cases in s["stale_leases"].items()))
     print(f"  corrections: {_corrections_text(s['corrections'])}")
+    if now:
+        print(f"  training now: {_training_now_text(now)}")
     print(f"  training: {_training_text(s['training'])}")
     for k, v in s["label_errors"].items():
         print(f"  label error: {k}: {v}")
@@ -298,12 +421,47 @@ def cmd_plan(args) -> int:
         body["cost_model"] = parse_cost_model(args.cost_model)
     if args.score:
         run_scoring(args.server)
+    # The budget used counts from the plan (cases corrected since, and out under `budget`): a new plan starts
+    # from zero, so what the plan it replaces had used is read first and said.
+    try:
+        before = _get(args.server, "/labelsentinel/budget")
+    except ServerError:  # the PUT says what is wrong with the server
+        before = {}
     r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
     plan = _answer(r, args.server, "/labelsentinel/budget")
-    print(json.dumps(plan, indent=1) if args.json else "", end="")
-    if not args.json:
-        _print_plan(plan)
+    try:
+        after = _get(args.server, "/labelsentinel/budget").get("status")
+    except ServerError:
+        after = None
+    previous = None
+    if before.get("plan"):
+        previous = {"ts": before["plan"].get("ts"), "budget_cases": before["plan"].get("budget_cases"),
+                    "budget_minutes": before["plan"].get("budget_minutes"),
+                    "planned_cases": len(before["plan"].get("cases") or []), "status": before.get("status") or {}}
+    if args.json:
+        print(json.dumps({**plan, "replaced_plan": previous, "budget_status": after}, indent=1))
+        return 0
+    if previous:
+        print(_replaced_text(previous))
+    _print_plan(plan)
+    if after and "used_cases" in after:
+        out = after.get("out_cases") or 0
+        print(f"{'the new budget counts from now: ' if previous else ''}{_status_text(after)}"
+              + (f" ({out} planned case(s) already out with annotators under `budget` count as used)" if out else ""))
     return 0
+
+
+def _replaced_text(prev: dict) -> str:
+    """What the plan a new one replaces had used: its cases corrected since it was made and out under `budget`."""
+    st = prev.get("status") or {}
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(prev["ts"])) if prev.get("ts") else "?"
+    parts = [f"{st.get('corrected_cases', 0)} corrected", f"{st.get('out_cases', 0)} out with annotators"]
+    if st.get("deleted_cases"):
+        parts.append(f"{len(st['deleted_cases'])} deleted, not counted")
+    used = (f"{st['used_cases']} of {prev['planned_cases']} planned case(s), {st.get('used_minutes', 0)} min"
+            if "used_cases" in st else "unknown")
+    return (f"replacing the plan of {when} (budget {_budget_text(prev['budget_cases'], prev['budget_minutes'])}), "
+            f"which had used {used} ({', '.join(parts)})")
 
 
 def _print_plan(plan: dict) -> None:
@@ -360,8 +518,10 @@ def quality_by_group(q: dict, demographics: dict, method: str = "min") -> list[d
     return rows
 
 
-def write_report(q: dict, out: str, method: str = "min", demographics: dict | None = None) -> dict:
-    """HTML page + CSV files from the server's quality records; returns the paths written."""
+def write_report(q: dict, out: str, method: str = "min", demographics: dict | None = None,
+                 training_now: dict | None = None) -> dict:
+    """HTML page + CSV files from the server's quality records; returns the paths written. ``training_now``: the
+    run in progress (see :func:`training_now`), if any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,16 +534,21 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     thr = q["good_enough"]
     recs = [r for r in q["records"] if r.get("record")]
     per_struct: dict[str, list[float]] = {}
+    n_missing: dict[str, int] = {}
     with open(os.path.join(out, "structures.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", "tag", "label_id", "name", "predicted_dice", "raw_predicted_dice", "voxels", "flags",
-                    "has_final"])
+                    "has_final", "missing"])
         for r in recs:
-            for s in r["record"]["structures"]:
+            # an expected structure the label lacks counts as predicted Dice 0, as in cases.csv and the aggregates
+            for s in structures_of(r["record"]):
+                missing = "missing" in (s.get("flags") or [])
+                key = s.get("name") or str(s["id"])
                 w.writerow([r["image_id"], r["tag"], s["id"], s.get("name") or "", s["predicted_dice"],
                             s.get("raw_predicted_dice", s["predicted_dice"]), s["voxels"],
-                            ";".join(s.get("flags") or []), int(r["has_final"])])
-                per_struct.setdefault(s.get("name") or str(s["id"]), []).append(s["predicted_dice"])
+                            ";".join(s.get("flags") or []), int(r["has_final"]), int(missing)])
+                per_struct.setdefault(key, []).append(s["predicted_dice"])
+                n_missing[key] = n_missing.get(key, 0) + int(missing)
     cases = []
     for r in recs:
         a = aggregate(r["record"], method)
@@ -414,7 +579,8 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     if per_struct:
         names = sorted(per_struct, key=lambda n: (sum(per_struct[n]) / len(per_struct[n]), n))
         fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(names))))
-        ax.boxplot([per_struct[n] for n in names], orientation="horizontal", tick_labels=names)
+        ax.boxplot([per_struct[n] for n in names], orientation="horizontal",
+                   tick_labels=[f"{n} ({n_missing[n]} missing)" if n_missing.get(n) else n for n in names])
         ax.axvline(thr, color="r", ls="--", label=f"good enough ({thr:.2f})")
         ax.set_xlabel("predicted Dice")
         ax.legend(loc="lower left")
@@ -437,6 +603,12 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     n_cal = sum(1 for r in recs if r["record"].get("calibrated"))
     n_above = sum(1 for _, a, _, fin in cases if not fin and a is not None and a >= thr)
     e = html.escape
+    csv_files = ("structures.csv", "cases.csv", "budget_curve.csv", "corrections.csv") + (("groups.csv",) if group_rows else ())
+    missing_total = sum(n_missing.values())
+    missing_note = (f"<p>{missing_total} expected structure(s) missing from their labels are counted as predicted Dice 0 "
+                    f"(structures.csv: column missing): {e(', '.join(f'{k} {v}' for k, v in sorted(n_missing.items()) if v))}.</p>"
+                    if missing_total else "")
+
     def worst_text(worst):
         return ", ".join(f"{s.get('name') or s['id']} {s['predicted_dice']:.2f}" for s in worst)
 
@@ -456,8 +628,9 @@ Good-enough threshold {thr:.2f}: <b>{n_below}</b> unlabeled case(s) below it (ne
 {n_cal} of the scored pseudo-labels are shown recalibrated from annotators' corrections (structures.csv keeps
 the estimator's raw value too).</p>
 <p>Corrections: {e(_corrections_text(_corrections_summary(q)))} (corrections.csv).</p>
+{f'<p>Training now: {e(_training_now_text(training_now))}.</p>' if training_now else ''}
 <p>Training: {e(_training_text(_training_summary(q)))}.</p>
-<h2>Predicted Dice per structure</h2>{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
+<h2>Predicted Dice per structure</h2>{missing_note}{f'<img src="data:image/png;base64,{figs["structures"]}">' if 'structures' in figs else '<p>no scores yet</p>'}
 <h2>Budget curve</h2><p>Expected dataset Dice (mean over structure instances of unlabeled cases) after correcting the
 best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if 'budget' in figs else ''}
 <h2>Worst cases (lowest predicted Dice, {method} over structures)</h2>
@@ -466,10 +639,10 @@ best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if '
 {f'<h2>Labels that could not be scored</h2><ul>{errors}</ul>' if errors else ''}
 {f'<h2>Images that cannot be read (never served)</h2><ul>{unreadable}</ul>' if unreadable else ''}
 {f'<h2>Label files that cannot be read (not counted; a case whose final label is among them is served again)</h2><ul>{bad_labels}</ul>' if bad_labels else ''}
-<p>CSV: structures.csv, cases.csv, budget_curve.csv, corrections.csv</p></body></html>"""
+<p>CSV: {", ".join(f for f in csv_files)}</p></body></html>"""
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(page)
-    files = ("report.html", "structures.csv", "cases.csv", "budget_curve.csv", "corrections.csv") + (("groups.csv",) if group_rows else ())
+    files = ("report.html",) + csv_files
     return {k: os.path.join(out, k) for k in files}
 
 
@@ -496,7 +669,7 @@ def cmd_report(args) -> int:
     except ServerError as e:  # an older server, or a PACS that does not answer: the report goes on without groups
         print(f"warning: no patient sex/age groups: {e}", file=sys.stderr)
         demo = None
-    paths = write_report(q, args.out, args.aggregate, demo)
+    paths = write_report(q, args.out, args.aggregate, demo, training_now(args.server))
     print(json.dumps(paths, indent=1))
     return 0
 

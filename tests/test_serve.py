@@ -254,7 +254,7 @@ def test_plan_shows_only_the_limits_that_apply_and_both_when_both_are_set():
         assert "None" not in r.stdout and "left: 4 case(s)" in r.stdout and "budget 6 cases:" in r.stdout, r.stdout
         r = _lead("plan", "--server", srv.url, "--minutes", "60", "--cases", "2")
         assert r.returncode == 0, r.stderr
-        assert srv.requests[-1] == ("PUT", "/labelsentinel/budget", {"cases": 2, "minutes": 60.0})
+        assert [x for x in srv.requests if x[0] == "PUT"][-1] == ("PUT", "/labelsentinel/budget", {"cases": 2, "minutes": 60.0})
         assert "budget 2 cases and 60 minutes:" in r.stdout, r.stdout  # the plan keeps within both
     finally:
         srv.stop()
@@ -270,7 +270,8 @@ def test_plan_refuses_an_unknown_cost_model_key_naming_the_known_ones():
             assert "base_minutes" in r.stderr
         assert not srv.requests  # refused before anything was sent
         r = _lead("plan", "--server", srv.url, "--cases", "2", "--cost-model", '{"base_minutes": 3}')
-        assert r.returncode == 0 and srv.requests[-1][2]["cost_model"] == {"base_minutes": 3}, r.stderr
+        puts = [x for x in srv.requests if x[0] == "PUT"]
+        assert r.returncode == 0 and puts[-1][2]["cost_model"] == {"base_minutes": 3}, r.stderr
     finally:
         srv.stop()
 
