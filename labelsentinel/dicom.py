@@ -210,6 +210,44 @@ def load_series(folder: str, study_uid: str | None = None, series_uid: str | Non
                       str(d0.get("PatientSex", "") or ""), str(d0.get("PatientAge", "") or ""))
 
 
+def slice_spacing_problem(datasets, what: str = "the series", rel_tol: float = 0.05, abs_tol: float = 0.01) -> str | None:
+    """Why the slices of a series do not lie on one evenly spaced grid (missing or duplicate slices, varying
+    steps), or None when they do (or there is nothing to check: fewer than 3 slices, no positions, several
+    orientations). A NIfTI has one z spacing: a series with a gap would be served stretched, and labels saved on
+    it would land on slice positions that do not exist.
+
+    Positions are ImagePositionPatient along the slice normal (ImageOrientationPatient's row x column)."""
+    pos, iops = [], set()
+    for d in datasets:
+        ipp, iop = d.get("ImagePositionPatient"), d.get("ImageOrientationPatient")
+        if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
+            return None
+        iops.add(tuple(round(float(v), 4) for v in iop))
+        pos.append(([float(v) for v in ipp], [float(v) for v in iop]))
+    if len(pos) < 3 or len(iops) != 1:
+        return None
+    iop = np.array(pos[0][1])
+    normal = np.cross(iop[:3], iop[3:])
+    z = np.sort([float(np.dot(p, normal)) for p, _ in pos])
+    steps = np.diff(z)
+    step = float(np.median(steps))
+    if step <= abs_tol:
+        return (f"{what}: {len(z)} slices but only {len(np.unique(np.round(z, 3)))} distinct slice positions "
+                "(duplicate slices): load each slice once")
+    bad = np.flatnonzero(np.abs(steps - step) > max(abs_tol, rel_tol * step))
+    if not len(bad):
+        return None
+    uniform = (z[-1] - z[0]) / (len(z) - 1)  # the grid a reader assuming even spacing builds
+    off = float(np.max(np.abs(z - (z[0] + uniform * np.arange(len(z))))))
+    gaps = [f"{steps[j]:.3g} mm between {z[j]:.6g} and {z[j + 1]:.6g}" for j in bad[:3]]
+    missing = int(round(float(np.sum(np.maximum(np.round(steps[bad] / step) - 1, 0)))))
+    return (f"{what}: its {len(z)} slices are not evenly spaced (step {step:.3g} mm, but "
+            f"{'; '.join(gaps)}{' ...' if len(bad) > 3 else ''} along the slice normal"
+            f"{f'; about {missing} slice(s) missing' if missing else ''}): served on one uniform grid "
+            f"({uniform:.4g} mm) its slices, and labels saved on it, would be up to {off:.3g} mm off. "
+            "Store the complete series in the PACS")
+
+
 def _decompress(d: Dataset, path: str) -> None:
     """Store compressed pixels (e.g. JPEG 2000) as plain little endian HU: a PACS without the codec cannot
     transcode them for DICOMweb clients that ask for uncompressed data (MONAI Label does)."""
@@ -244,10 +282,69 @@ def write_series(info: SeriesInfo, out_dir: str) -> list[str]:
     return paths
 
 
+class DicomUnavailable(DicomError):
+    """The DICOMweb server cannot be reached, or refused the request (credentials): with the address and why."""
+
+
+def _setting(name: str):
+    """A MONAI Label setting as the server sees it: the environment variable, else monailabel.config's value."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        from monailabel.config import settings
+
+        return getattr(settings, name, None)
+    except Exception:
+        return None
+
+
 def dicomweb_client(url: str):
+    """A DICOMweb client for ``url`` built as MONAI Label's DICOMweb datastore builds its own: credentials from
+    ``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD`` and the QIDO/WADO/STOW prefixes of its settings."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url.rstrip("/"))
+    session = None
+    user, password = _setting("MONAI_LABEL_DICOMWEB_USERNAME"), _setting("MONAI_LABEL_DICOMWEB_PASSWORD")
+    if user and password:
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = create_session_from_user_pass(user, password)
+    return DICOMwebClient(url=url.rstrip("/"), session=session,
+                          qido_url_prefix=_setting("MONAI_LABEL_QIDO_PREFIX") or None,
+                          wado_url_prefix=_setting("MONAI_LABEL_WADO_PREFIX") or None,
+                          stow_url_prefix=_setting("MONAI_LABEL_STOW_PREFIX") or None)
+
+
+def search_series_all(client, search_filters=None, fields=None, page: int = 0, warn=None) -> list[dict]:
+    """Every series a QIDO-RS search matches, page by page (``offset``): a PACS that caps its answers (Orthanc's
+    ``LimitFindResults``) would otherwise cut the list short without saying so. ``page``: the page size asked
+    for (0: the server's own). Stops at an empty page or a page with nothing new (a server that ignores
+    ``offset``; then ``warn`` is called with why the list may be incomplete)."""
+    out, seen, offset = [], set(), 0
+    while True:
+        kw = {"offset": offset} if offset else {}
+        if page:
+            kw["limit"] = page
+        res = client.search_for_series(search_filters=dict(search_filters or {}), fields=fields, **kw)
+        new = [js for js in res if _series_uid(js) not in seen]
+        for js in new:
+            seen.add(_series_uid(js))
+        out.extend(new)
+        if not res or (page and len(res) < page):
+            return out
+        if not new:
+            if warn:
+                warn(f"the DICOMweb server {client.base_url} answered the same {len(res)} series again at offset "
+                     f"{offset} (it ignores QIDO 'offset'): the list may be incomplete; raise its result limit")
+            return out
+        offset += len(res)
+
+
+def _series_uid(js: dict) -> str:
+    try:
+        return str(js["0020000E"]["Value"][0])
+    except (KeyError, IndexError, TypeError):
+        return ""
 
 
 def upload(datasets, dicomweb_url: str, batch: int = 32) -> int:
@@ -267,10 +364,21 @@ def upload(datasets, dicomweb_url: str, batch: int = 32) -> int:
 
 
 def series_demographics(dicomweb_url: str, series_uids=None) -> dict[str, dict]:
-    """SeriesInstanceUID -> {"sex", "age" (years or None), "patient_id", "study_uid"} from QIDO-RS."""
+    """SeriesInstanceUID -> {"sex", "age" (years or None), "patient_id", "study_uid"} from QIDO-RS (every page;
+    the server's credentials). Raises DicomUnavailable (a DicomError) naming the PACS when it cannot be
+    reached or refuses the query."""
+    import requests
+
     client = dicomweb_client(dicomweb_url)
     out = {}
-    for js in client.search_for_series(fields=["PatientSex", "PatientAge", "PatientID"]):
+    try:
+        found = search_series_all(client, fields=["PatientSex", "PatientAge", "PatientID"])
+    except (requests.RequestException, OSError) as e:
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        why = (f"HTTP {code}" + (": check MONAI_LABEL_DICOMWEB_USERNAME/_PASSWORD" if code in (401, 403) else "")
+               if code else f"{type(e).__name__}: {str(e)[:200]}")
+        raise DicomUnavailable(f"the DICOMweb server {dicomweb_url} did not answer the series query ({why})") from e
+    for js in found:
         d = Dataset.from_json(js)
         uid = str(d.get("SeriesInstanceUID", "") or "")
         if series_uids is not None and uid not in series_uids:
@@ -418,6 +526,9 @@ def cmd_upload(args) -> int:
     try:
         if args.series:
             info = load_series(args.series, args.study_uid, args.series_uid, args.patient_id, args.sex, args.age)
+            problem = slice_spacing_problem(info.datasets, args.series)
+            if problem:  # stored all the same (it is the PACS's copy), but the server will refuse to serve it
+                print(f"warning: {problem}. The Label Sentinel server refuses to serve such a series.", file=sys.stderr)
             upload(info.datasets, args.dicomweb)
             print(f"{args.series}: {info.n} instance(s) stored as series {info.series_uid}")
         else:
@@ -452,9 +563,20 @@ def run_dicom(args) -> int:
     if problem:  # before Orthanc starts and the studies are loaded into it
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from labelsentinel.orthanc import port_is_free
+
+    for opt, port in (("--orthanc-port", args.orthanc_port), ("--orthanc-dicom-port", args.orthanc_dicom_port)):
+        if port and not port_is_free(port):
+            print(f"error: {opt} {port}: the port is in use on 127.0.0.1; stop what listens there or choose another",
+                  file=sys.stderr)
+            return 2
     try:
         ensure_orthanc_installed()
-        pacs = Orthanc(args.orthanc_dir).start()
+        pacs = Orthanc(args.orthanc_dir, http_port=args.orthanc_port, dicom_port=args.orthanc_dicom_port)
+        if args.orthanc_dir and pacs.previous_http_port and not pacs.reused_ports and not args.orthanc_port:
+            print(f"note: Orthanc's port of the last run in {args.orthanc_dir} ({pacs.previous_http_port}) is in use; "
+                  f"using {pacs.http_port}", flush=True)
+        pacs.start()
     except OrthancError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -469,6 +591,8 @@ def run_dicom(args) -> int:
             upload(info.datasets, pacs.dicomweb_url)
             print(f"  {name}: series {info.series_uid} ({info.n} instances)")
         cache = args.cache or tempfile.mkdtemp(prefix="labelsentinel-dicomweb-cache-")
+        if args.cache:
+            keep_cache_for(cache, pacs.dicomweb_url)
         env = server_env(args.app)
         env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = cache
         url = f"http://{args.host}:{args.port}"
@@ -483,14 +607,23 @@ def run_dicom(args) -> int:
         if info is None:
             print("error: the server did not start (see its log above)", file=sys.stderr)
             return 1
-        n = 0
-        for cid, s in series.items():
-            lab = os.path.join(args.studies, "labels", "original", f"{cid}.nii.gz")
-            if os.path.isfile(lab):
-                import_labels(url, [lab], label_names=names if os.path.isfile(names) else None, image_ids=[s.series_uid],
-                              quiet=True)
+        # The studies' labels, on a restart only those the server does not have yet: a pseudo-label imported
+        # since (labelsentinel import-labels) is not replaced, and no second SEG of a final label is stored.
+        have = _server_labels(url)
+        label_names = names if os.path.isfile(names) else None
+        for tag, what in (("original", "pseudo-label(s) as the `original` tag"),
+                          ("final", "final label(s) (as DICOM SEG in Orthanc, so training can start)")):
+            n = kept = 0
+            for cid, s in series.items():
+                lab = os.path.join(args.studies, "labels", tag, f"{cid}.nii.gz")
+                if not os.path.isfile(lab):
+                    continue
+                if tag in have.get(s.series_uid, ()):
+                    kept += 1
+                    continue
+                import_labels(url, [lab], label_names=label_names, image_ids=[s.series_uid], tag=tag, quiet=True)
                 n += 1
-        print(f"imported {n} pseudo-label(s) as the `original` tag")
+            print(f"imported {n} {what}" + (f"; {kept} already on the server, kept" if kept else ""))
         print("")
         print(f"Label Sentinel is up on DICOMweb: {info.get('name')}")
         print(f"  OHIF viewer : {url}/ohif/")
@@ -505,6 +638,50 @@ def run_dicom(args) -> int:
         if proc is not None:
             stop_group(proc)
         pacs.stop(remove=args.orthanc_dir is None)
+
+
+RUN_DICOM_STATE = ".labelsentinel-run-dicom.json"
+
+
+def keep_cache_for(cache: str, dicomweb_url: str) -> None:
+    """Make MONAI Label's DICOMweb cache of the last run in ``cache`` the one of ``dicomweb_url``.
+
+    MONAI Label names the cache subfolder after a hash of the DICOMweb address; the pseudo-labels live only
+    there. When Orthanc had to move to another port, the last run's subfolder is renamed to the new address's
+    (when that one does not exist yet), so nothing imported before is lost."""
+    import json
+
+    from monailabel.utils.others.generic import md5_digest
+
+    os.makedirs(cache, exist_ok=True)
+    state = os.path.join(cache, RUN_DICOM_STATE)
+    try:
+        with open(state) as f:
+            old_url = json.load(f).get("dicomweb_url") or ""
+    except (OSError, ValueError):
+        old_url = ""
+    old, new = os.path.join(cache, md5_digest(old_url)), os.path.join(cache, md5_digest(dicomweb_url))
+    if old_url and old_url != dicomweb_url and os.path.isdir(old) and not os.path.exists(new):
+        os.rename(old, new)
+        print(f"cache of the last run ({old_url}) kept for {dicomweb_url}: {new}", flush=True)
+    with open(state, "w") as f:
+        json.dump({"dicomweb_url": dicomweb_url}, f)
+
+
+def _server_labels(url: str) -> dict[str, set]:
+    """image id -> the label tags the server has (its datastore, final labels from the PACS included)."""
+    import requests
+
+    out: dict[str, set] = {}
+    try:
+        objs = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=120).json().get("objects") or {}
+        for i, o in objs.items():
+            out.setdefault(i, set()).update((o.get("labels") or {}).keys())
+        for i in requests.get(f"{url}/labelsentinel/quality", timeout=120).json().get("labeled") or []:
+            out.setdefault(i, set()).add("final")
+    except (requests.RequestException, ValueError, AttributeError) as e:
+        print(f"warning: cannot list the server's labels ({e}); importing all", file=sys.stderr)
+    return out
 
 
 def register(sub) -> None:
@@ -528,7 +705,11 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("--orthanc-dir", help="keep Orthanc's storage here (default: a temporary folder, removed at exit)")
-    p.add_argument("--cache", help="MONAI Label's DICOMweb cache folder (default: a temporary folder)")
+    p.add_argument("--cache", help="MONAI Label's DICOMweb cache folder, where the pseudo-labels live (default: a "
+                   "temporary folder); with the same --orthanc-dir and --cache a restart finds everything again")
+    p.add_argument("--orthanc-port", type=int, help="Orthanc's HTTP port (default: the last run's in --orthanc-dir "
+                   "when free, else a free one)")
+    p.add_argument("--orthanc-dicom-port", type=int, help="Orthanc's DICOM port (default as --orthanc-port)")
     p.add_argument("--real-series", help="also load this DICOM series folder (UIDs assigned, like a series "
                    "anonymised down to empty UIDs)")
     p.add_argument("--wait", type=float, default=600)

@@ -111,7 +111,19 @@ class _Target:
         if self.remote:
             out = os.path.join(self._tmp, f"{abs(hash(image_id))}.nii.gz")
             if not os.path.isfile(out):
-                r = self._get("/datastore/image", params={"image": image_id})
+                import requests
+
+                try:
+                    r = requests.get(self.where + "/datastore/image", params={"image": image_id}, timeout=self.timeout)
+                except requests.RequestException as e:
+                    raise ImportError_(f"cannot reach {self.where}: {e}") from e
+                if r.status_code != 200:
+                    try:
+                        why = r.json().get("detail") or r.text
+                    except ValueError:
+                        why = r.text
+                    raise ImportError_(f"image {image_id!r}: the server {self.where} answered HTTP {r.status_code}: "
+                                       f"{str(why)[:400]}")
                 with open(out, "wb") as f:
                     f.write(r.content)
             return out
@@ -191,6 +203,7 @@ def _on_image_grid(label_path: str, image_path: str, image_name: str | None = No
 def import_one(target: _Target, path: str, image_id: str | None, names: dict[int, str], tag: str) -> dict:
     if not os.path.isfile(path):
         raise ImportError_(f"{path}: file not found")
+    given = image_id is not None  # --image: a server looks it up itself (a series just added to its PACS)
     if _is_dicom(path):
         try:
             seg = read_seg(path)
@@ -202,7 +215,7 @@ def import_one(target: _Target, path: str, image_id: str | None, names: dict[int
                 raise ImportError_(f"{path}: the SEG refers to series {seg.referenced_series}, which is not in the "
                                    f"datastore {target.where} ({len(target.images())} images); load that series "
                                    "first or give --image")
-        elif image_id not in target.images():
+        elif not target.remote and image_id not in target.images():
             raise ImportError_(f"{path}: image {image_id!r} is not in the datastore {target.where}")
         if not names:
             raise ImportError_(f"{path}: label names are needed to map the SEG's segments to label ids "
@@ -215,8 +228,9 @@ def import_one(target: _Target, path: str, image_id: str | None, names: dict[int
     else:
         if image_id is None:
             image_id = os.path.basename(path).split(".nii")[0]
-        if image_id not in target.images():
-            raise ImportError_(f"{path}: image {image_id!r} is not in the datastore {target.where} (give --image ID)")
+        if not (given and target.remote) and image_id not in target.images():
+            raise ImportError_(f"{path}: image {image_id!r} is not in the datastore {target.where}"
+                               + ("" if given else " (give --image ID)"))
         arr, affine = _on_image_grid(path, target.image_file(image_id), image_id if target.remote else None)
         if not np.issubdtype(arr.dtype, np.integer):
             if not np.allclose(arr, np.round(arr)):

@@ -38,6 +38,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be listened on now (SO_REUSEADDR: a port in TIME_WAIT counts as free)."""
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", int(port)))
+            s.listen(1)
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
+def saved_ports(workdir: str) -> tuple[int | None, int | None]:
+    """(HTTP port, DICOM port) of the Orthanc that last ran in ``workdir`` (its ``orthanc.json``), else Nones."""
+    try:
+        with open(os.path.join(workdir, "orthanc.json")) as f:
+            conf = json.load(f)
+        return int(conf["HttpPort"]), int(conf["DicomPort"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
 def dicomweb_plugin() -> str | None:
     return next((p for p in DICOMWEB_PLUGIN_CANDIDATES if os.path.isfile(p)), None)
 
@@ -82,20 +104,36 @@ def stop_debian_service() -> None:
 
 
 class Orthanc:
-    """An Orthanc process with DICOMweb on 127.0.0.1, storage under ``workdir`` (a temporary folder by default)."""
+    """An Orthanc process with DICOMweb on 127.0.0.1, storage under ``workdir`` (a temporary folder by default).
+
+    Ports: those given, else, in a ``workdir`` an Orthanc ran in before, the ports it used then when they are
+    free (its DICOMweb address stays the same across restarts: MONAI Label's DICOMweb cache, where the
+    pseudo-labels live, is named after that address), else free ones. ``self.reused_ports`` says which.
+    ``users`` ({name: password}) turns on HTTP basic authentication; ``extra`` is merged into the configuration
+    (e.g. ``{"LimitFindResults": 100}``).
+    """
 
     def __init__(self, workdir: str | None = None, http_port: int | None = None, dicom_port: int | None = None,
-                 name: str = "LabelSentinel"):
+                 name: str = "LabelSentinel", users: dict[str, str] | None = None, extra: dict | None = None):
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.mkdtemp(prefix="labelsentinel-orthanc-")
             workdir = self._tmp
         self.workdir = os.path.abspath(workdir)
+        old_http, old_dicom = saved_ports(self.workdir) if self._tmp is None else (None, None)
+        self.reused_ports = False
+        if not http_port and old_http and port_is_free(old_http):
+            http_port, self.reused_ports = old_http, True
+        if not dicom_port and old_dicom and old_dicom != http_port and port_is_free(old_dicom):
+            dicom_port = old_dicom
+        self.previous_http_port = old_http
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
         self.name = name
+        self.users = dict(users or {})
+        self.extra = dict(extra or {})
         self.proc: subprocess.Popen | None = None
         self.config_path = os.path.join(self.workdir, "orthanc.json")
         self.log_path = os.path.join(self.workdir, "orthanc.log")
@@ -119,7 +157,8 @@ class Orthanc:
             "StorageDirectory": storage,
             "IndexDirectory": storage,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            **({"RegisteredUsers": self.users} if self.users else {}),
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": "SENTINELPACS",
@@ -131,6 +170,7 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
                          "Host": f"127.0.0.1:{self.http_port}",
                          "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            **self.extra,
         }
 
     def start(self, timeout: float = 60) -> "Orthanc":
@@ -154,9 +194,14 @@ class Orthanc:
         self.stop()
         raise OrthancError(f"Orthanc did not answer {self.url}/system in {timeout:.0f} s:\n{self.log()[-3000:]}")
 
+    @property
+    def auth(self):
+        """(user, password) of the first registered user, for requests; None without authentication."""
+        return next(iter(self.users.items()), None)
+
     def alive(self) -> bool:
         try:
-            return requests.get(f"{self.url}/system", timeout=2).status_code == 200
+            return requests.get(f"{self.url}/system", timeout=2, auth=self.auth).status_code == 200
         except requests.RequestException:
             return False
 
@@ -195,7 +240,7 @@ class Orthanc:
     # A few REST helpers (Orthanc's own API, not DICOMweb).
     def series(self) -> list[dict]:
         """MainDicomTags of every series stored (SeriesInstanceUID, Modality, ...)."""
-        r = requests.get(f"{self.url}/series", params={"expand": ""}, timeout=60)
+        r = requests.get(f"{self.url}/series", params={"expand": ""}, timeout=60, auth=self.auth)
         r.raise_for_status()
         return [{**s["MainDicomTags"], "ParentStudy": s["ParentStudy"]} for s in r.json()]
 
@@ -205,7 +250,8 @@ class Orthanc:
         if isinstance(path_or_bytes, str):
             with open(path_or_bytes, "rb") as f:
                 data = f.read()
-        r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=60)
+        r = requests.post(f"{self.url}/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=60,
+                          auth=self.auth)
         if r.status_code != 200:
             raise OrthancError(f"Orthanc refused the instance: HTTP {r.status_code}: {r.text[:300]}")
         return r.json()

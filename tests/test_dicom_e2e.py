@@ -550,3 +550,6 @@ def test_orthanc_stopped_mid_session(server, pacs, loaded, tmp_path):
     assert [i for i, o in after["objects"].items() if "final" in o["labels"]] == labeled
     q = requests.get(f"{server.url}/labelsentinel/quality", timeout=60)
     assert q.status_code == 200 and {r["image_id"] for r in q.json()["records"] if r["record"]} == set(loaded.values())
+    # patient groups need the PACS: 503 saying so, not a bare 500
+    d = requests.get(f"{server.url}/labelsentinel/demographics", timeout=120)
+    assert d.status_code == 503 and "demographics unavailable" in d.json()["detail"], d.text

@@ -65,12 +65,28 @@ def _unprocessable(detail: str) -> HTTPException:
 def refuse_bad_label(datastore, image_id: str, label_filename: str, label_tag: str) -> None:
     try:
         image = datastore.get_image_uri(image_id)
+    except HTTPException as e:  # the datastore's own answer: 404 unknown image, 422 image not served
+        if e.status_code >= 500:  # an outage: the caller's save reports it (and keeps the file)
+            return
+        raise
     except Exception:  # an unknown image: the caller's save reports it
         return
     problem = label_upload_problem(image, label_filename)
     if problem:
         logger.error(f"{label_tag} label of {image_id} refused: {problem}")
         raise _unprocessable(f"the {label_tag} label of {image_id} was NOT saved: {problem}")
+
+
+def drop_refused_upload(label_filename: str) -> None:
+    """Remove the temp file MONAI Label's ``PUT /datastore/label`` wrote the upload to, when the save is refused:
+    the endpoint removes it in a background task that does not run when the request fails, so every refused
+    save left a ``/tmp/tmp*.nii.gz``. Only a ``tmp*`` file directly in the temp folder is removed."""
+    try:
+        if (os.path.dirname(os.path.abspath(label_filename)) == os.path.abspath(tempfile.gettempdir())
+                and os.path.basename(label_filename).startswith("tmp") and os.path.isfile(label_filename)):
+            os.unlink(label_filename)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- label_info
@@ -473,6 +489,13 @@ class SentinelDatastore(LocalDatastore):
                 self.refresh()
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
+        try:
+            return self._checked_save_label(image_id, label_filename, label_tag, label_info)
+        except HTTPException:
+            drop_refused_upload(label_filename)
+            raise
+
+    def _checked_save_label(self, image_id, label_filename, label_tag, label_info):
         """Refuses (nothing stored) a label for an unknown image (404), an unsafe tag or an unreadable image
         (422), and a label that cannot be read, is not on the image's grid, or names structures the app does not
         know (422): stored, it would mark the case as labelled while no training or correction could use it."""

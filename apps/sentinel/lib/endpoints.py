@@ -182,9 +182,13 @@ def image_demographics(app_instance) -> dict:
     out = {i: {"sex": "", "age": None} for i in images}
     client = getattr(ds, "_client", None)
     if client is not None and hasattr(client, "search_for_series"):
-        from labelsentinel.dicom import series_demographics
+        from labelsentinel.dicom import DicomUnavailable, series_demographics
 
-        for uid, d in series_demographics(client.base_url, set(images)).items():
+        try:
+            found = series_demographics(client.base_url, set(images))
+        except DicomUnavailable as e:  # the PACS is down or refuses the query: say so (not a bare 500)
+            raise HTTPException(status_code=503, detail=f"demographics unavailable: {e}") from e
+        for uid, d in found.items():
             out[uid] = {"sex": d["sex"], "age": d["age"]}
         return {"source": "dicom", "images": out}
     from labelsentinel.dicom import age_years, read_cases_csv
