@@ -126,3 +126,18 @@ def test_budget_counts_its_own_cases_and_skips_deleted_ones(server):
     got = requests.post(f"{url}/activelearning/budget", json={"client_id": "b4"}, timeout=30).json()
     assert not got.get("id") and sorted(got["deleted_cases"]) == sorted(held) and got["used_cases"] == 1, got
     assert "set the budget again" in got["reason"] and other in got["reason"], got
+
+
+def test_the_older_delete_route_takes_the_records_with_it_too(server):
+    """MONAI Label also deletes an image with ``DELETE /datastore/?id=`` (deprecated, still used by older
+    clients): its scores, correction pairs and lease go at once, as with ``/datastore/image``."""
+    from labelsentinel.store import Store, store_path
+
+    store = Store(store_path(server.studies))
+    assert store.get_quality("case_001", "original") and any(r["image_id"] == "case_001" for r in store.corrections())
+    assert store.acquire_lease("case_001", "someone", 600)
+    r = requests.delete(f"{server.url}/datastore/", params={"id": "case_001"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert store.get_quality("case_001", "original") is None
+    assert not any(r["image_id"] == "case_001" for r in store.corrections())
+    assert "case_001" not in store.leases()

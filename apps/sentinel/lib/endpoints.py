@@ -333,8 +333,9 @@ def forget_deleted(app_instance, image_id: str, tag: str | None) -> dict:
 
 
 def register_delete_routes(fastapi_app, app_instance) -> None:
-    """``DELETE /datastore/image`` and ``DELETE /datastore/label`` as MONAI Label answers them, and then what Label
-    Sentinel kept about the deleted image or label goes too (see ``forget_deleted``)."""
+    """``DELETE /datastore/image`` (and the older ``DELETE /datastore/?id=``) and ``DELETE /datastore/label`` as
+    MONAI Label answers them, and then what Label Sentinel kept about the deleted image or label goes too (see
+    ``forget_deleted``)."""
     from fastapi import Depends
     from monailabel.config import settings
     from monailabel.endpoints.datastore import remove_image, remove_label
@@ -360,6 +361,8 @@ def register_delete_routes(fastapi_app, app_instance) -> None:
         return res
 
     _add_route_first(fastapi_app, "/datastore/image", delete_image, "labelsentinel_remove_image", ["DELETE"])
+    # MONAI Label's older (deprecated) route for the same, still used by older clients
+    _add_route_first(fastapi_app, "/datastore/", delete_image, "labelsentinel_remove_image_old", ["DELETE"])
     _add_route_first(fastapi_app, "/datastore/label", delete_label, "labelsentinel_remove_label", ["DELETE"])
 
 
