@@ -323,14 +323,26 @@ def test_series_and_segs_added_after_the_start_are_seen_soon(server, pacs, loade
     from test_dicom_e2e import _make_seg, _series_files
 
     names = {int(k): v for k, v in json.load(open(os.path.join(loaded["studies"], "label_names.json"))).items()}
-    src = _series_files(pacs, loaded["ct"]["case_000"], str(tmp_path / "src"))
-    seg = _make_seg(os.path.join(loaded["studies"], "labels", "original", "case_000.nii.gz"), src, names,
-                    str(tmp_path / "seg.dcm"))
+    uid0 = loaded["ct"]["case_000"]
+    original = os.path.join(loaded["studies"], "labels", "original", "case_000.nii.gz")
+    r = _cli("import-labels", "--server", server.url, original, "--image", uid0)  # its pseudo-label first
+    assert r.returncode == 0, r.stderr
+    src = _series_files(pacs, uid0, str(tmp_path / "src"))
+    truth = os.path.join(loaded["studies"], "truth", "case_000.nii.gz")
+    seg = _make_seg(truth, src, names, str(tmp_path / "seg.dcm"))
     import pydicom
 
     dicom.upload([pydicom.dcmread(seg)], pacs.dicomweb_url)
-    _until(lambda: loaded["ct"]["case_000"] in requests.get(f"{server.url}/labelsentinel/quality", timeout=60).json()["labeled"],
+    _until(lambda: uid0 in requests.get(f"{server.url}/labelsentinel/quality", timeout=60).json()["labeled"],
            "SEG seen", 30)
+    # ... and the next scoring fetches that SEG and records the pseudo-label's correction (its true Dice)
+    from conftest import run_scoring
+
+    assert run_scoring(server.url)["status"] == "DONE"
+    pairs = [p for p in requests.get(f"{server.url}/labelsentinel/quality", timeout=60).json()["corrections"]["pairs"]
+             if p["image_id"] == uid0]
+    assert pairs and all(0.0 <= p["true_dice"] <= 1.0 for p in pairs), pairs
+    assert min(p["true_dice"] for p in pairs) < 0.99  # the pseudo-label against the truth, not against itself
 
 
 def test_no_temporary_nifti_is_left_per_series_fetched_or_label_refused(server, loaded):
