@@ -97,8 +97,9 @@ def test_score_shows_which_scoring_task_runs_since_when_and_its_last_line(server
     # waiting: the running task, since when (server time), and its last output line (the fine-tuning epochs)
     waiting = [x for x in lines if x.startswith("scoring: queued (1 task(s) ahead); running: quality scoring since ")]
     assert any("(server time): fine-tune (" in x and " epoch " in x for x in waiting), lines[:40]
-    # then its own run, with its own output
-    assert any(x.startswith("scoring: running since ") and "quality scoring [" in x for x in lines), lines[-20:]
+    # then its own run (everything is scored by then: it may end between two polls, so its own progress line is
+    # not required here; the unit test above checks that line)
+    assert all(x.startswith(("scoring: queued ", "scoring: running since ", "scoring: DONE")) for x in lines), lines
     assert lines[-1].startswith("scoring: DONE after "), lines[-5:]
     assert json.loads(r.stdout)["scored_labels"] == 12
     tasks = requests.get(f"{server.url}/scoring/", params={"all": "true"}, timeout=30).json()
