@@ -534,9 +534,11 @@ def test_orthanc_stopped_mid_session(server, pacs, loaded, tmp_path):
     # Saving a final label fails with a clear error and keeps the annotator's file.
     target = next(i for i in loaded.values() if i not in labeled and i != REAL_SERIES_UID)
     lab = client.download_label(target, "original")
+    t0 = time.time()
     r = requests.put(f"{server.url}/datastore/label", params={"image": target, "tag": "final"},
                      files={"label": ("l.nii.gz", open(lab, "rb"))}, data={"params": "{}"}, timeout=120)
     assert r.status_code == 503, r.text
+    assert time.time() - t0 < 15, time.time() - t0  # said at once (it took ~31 s of the client's retries)
     detail = r.json()["detail"]
     assert "NOT saved" in detail and "cannot be reached" in detail and "kept on the server" in detail
     kept = detail.split("kept on the server at ")[1].split(";")[0]

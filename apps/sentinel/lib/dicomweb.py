@@ -366,6 +366,7 @@ class SentinelDICOMWebDatastore(DICOMWebDatastore):
             except Exception as e:  # unreadable: MONAI Label's own conversion reports it
                 logger.warning(f"segment names for {image_id}: {e}")
         try:
+            self._check_reachable()  # the PACS down: at once, not after the DICOMweb client's ~30 s of retries
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
         except (*NETWORK_ERRORS, PACSUnavailable) as e:
             keep = os.path.join(self.cache_dir, "unsent", f"{image_id}-{int(time.time())}{_ext(label_filename)}")
