@@ -295,6 +295,10 @@ def test_series_with_missing_slices_is_refused_with_the_gap_named(server, pacs, 
     assert "not evenly spaced" in detail and "step 2 mm" in detail and "8 mm between" in detail, detail
     assert "about 3 slice(s) missing" in detail and "2.375 mm" in detail, detail
     assert "not evenly spaced" in server.log()  # logged
+    info = requests.get(f"{server.url}/info/", timeout=60).json()  # and listed, as unreadable local studies are
+    assert "not evenly spaced" in info["labelsentinel"]["unreadable_images"][loaded["ct"]["gap"]]
+    q = requests.get(f"{server.url}/labelsentinel/quality", timeout=60).json()
+    assert loaded["ct"]["gap"] in q["unreadable_images"]
     lab = str(tmp_path / "lab.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), lab)
     r = _put_label(server.url, loaded["ct"]["gap"], lab)

@@ -324,6 +324,6 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
     def info(self):
         d = super().info()
         ds = self.datastore()
-        if isinstance(ds, SentinelDatastore):
+        if hasattr(ds, "unreadable_images") and hasattr(ds, "unreadable_labels"):  # local or DICOMweb
             d["labelsentinel"] = {"unreadable_images": ds.unreadable_images(), "unreadable_labels": ds.unreadable_labels()}
         return d
