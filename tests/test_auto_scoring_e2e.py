@@ -3,6 +3,8 @@ under way queue at most one more run, and a lead's POST /scoring/quality still r
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -46,3 +48,29 @@ def test_next_samples_queue_at_most_one_automatic_scoring(server):
     st = run_scoring(server.url)
     tasks = _tasks(server.url)
     assert st["status"] == "DONE" and len(tasks) == n_before + len(new) + 1, (st, [t["status"] for t in tasks])
+
+
+def test_scoring_requested_while_one_runs_is_queued_once_not_refused(server):
+    """A request while a run is under way (the scoring a background training run asks for when it ends, a lead's)
+    was refused with 429 and dropped; simultaneous requests could each start a run. Now the first starts a run,
+    the others made meanwhile join one run queued behind it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    status = lambda: requests.get(f"{server.url}/scoring/", timeout=30).json()  # noqa: E731
+    wait_status(status, "earlier scoring")
+    n_before = len(_tasks(server.url))
+    first = requests.post(f"{server.url}/scoring/quality", timeout=30)
+    assert first.status_code == 200, first.text
+    with ThreadPoolExecutor(4) as ex:
+        answers = list(ex.map(lambda _: requests.post(f"{server.url}/scoring/quality", timeout=30), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [(a.status_code, a.text[:200]) for a in answers]
+    ids = {a.json()["id"] for a in answers}
+    new = _tasks(server.url)[n_before:]
+    # the first run takes seconds (a subprocess builds the app): the four came while it ran, one run queued
+    assert len(new) == 2 and new[0]["id"] == first.json()["id"] and ids == {new[1]["id"]}, (
+        ids, [(t["id"], t["status"]) for t in new])
+    t_end = time.time() + 300
+    while any(t["status"] in ("SUBMITTED", "RUNNING") for t in _tasks(server.url)):
+        assert time.time() < t_end, "scoring did not finish"
+        time.sleep(1)
+    assert [t["status"] for t in _tasks(server.url)[n_before:]] == ["DONE", "DONE"]

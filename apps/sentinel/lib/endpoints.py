@@ -173,6 +173,7 @@ def register_routes(app_instance) -> None:
     register_ohif_route(fastapi_app)
     register_activelearning_route(fastapi_app)
     register_train_route(fastapi_app)
+    register_scoring_route(fastapi_app)
     logger.info("Label Sentinel REST routes: /labelsentinel/quality, /labelsentinel/budget, /labelsentinel/demographics")
 
 
@@ -449,6 +450,44 @@ def register_train_route(fastapi_app) -> None:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
     _add_route_first(fastapi_app, "/train/{model}", train, "labelsentinel_train", ["POST"])
+
+
+def register_scoring_route(fastapi_app) -> None:
+    """``POST /scoring/{method}`` as MONAI Label answers it, except while a run of that method is under way:
+    MONAI Label answered 429 and the request was dropped (the scoring a background training run asks for when it
+    ends, or a lead's, would not happen until something else asked again), and simultaneous requests could each
+    start a run. Here, under one lock: a run of the method already queued is joined (its task is answered), a
+    run under way gets one run queued behind it, else a run starts. ``run_sync=true`` is MONAI Label's."""
+    import threading
+
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.scoring import run_method
+    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.utils.async_tasks.task import AsyncTask
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    if any(getattr(r, "name", "") == "labelsentinel_scoring" for r in fastapi_app.router.routes):
+        return
+    lock = threading.Lock()
+
+    def score(method: str, params: dict | None = Body(None), run_sync: bool = False,
+              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+        if run_sync:
+            return run_method(method, params, run_sync)
+        with lock:
+            listed = tasks("scoring")
+            queued = next((t for t in listed if t.get("status") == "SUBMITTED"
+                           and (t.get("request") or {}).get("method") == method), None)
+            if queued is not None:
+                return queued
+            busy = bool(processes("scoring")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in listed)
+            res, detail = AsyncTask.run("scoring", request={"method": method}, params=params, enqueue=busy)
+        if res is None:
+            raise HTTPException(status_code=429, detail=detail)
+        return res
+
+    _add_route_first(fastapi_app, "/scoring/{method}", score, "labelsentinel_scoring", ["POST"])
 
 
 def _add_route_first(fastapi_app, path: str, endpoint, name: str, methods: list[str]) -> None:
