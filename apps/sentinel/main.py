@@ -11,7 +11,6 @@ import gc
 import logging
 import math
 import os
-import threading
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
@@ -111,7 +110,6 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
         self.threshold = self._good_enough(conf)
         self.finetune_after = conf_number(conf, "finetune_after", 10, int, lo=0)
         self._store = None
-        self._scoring_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -264,20 +262,13 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
         """MONAI Label's automatic scoring (MONAI_LABEL_AUTO_UPDATE_SCORING, on by default: at start-up, after
         every next sample served and after a synchronous training run) queued one more scoring run per call,
         each a subprocess that builds the app again, run one after another: 15 next samples kept the server
-        scoring for minutes and a lead's ``status --score`` waited for all of them. A queued run reads the
-        datastore and the records only when it starts, so it covers every request made while it waits: a method
-        already queued is not queued again (at most one run waits behind the one under way). ``POST
-        /scoring/{method}`` (a lead; a background training run when it ends) does not come here and is answered
-        as before."""
+        scoring for minutes and a lead's ``status --score`` waited for all of them. Here it goes through
+        ``queue_scoring`` as ``POST /scoring/{method}`` does: at most one run waits behind the one under way."""
         if not self._server_mode or params:
             return super().async_scoring(method, params)
-        from monailabel.utils.async_tasks.utils import tasks
+        from lib.endpoints import queue_scoring
 
-        result = {}
-        with self._scoring_lock:
-            queued = {t["request"].get("method"): t for t in tasks("scoring") if t.get("status") == "SUBMITTED"}
-            for m in [method] if method else list(self._scoring_methods):
-                result[m] = queued.get(m) or super().async_scoring(m)
+        result = {m: queue_scoring(m) for m in ([method] if method else list(self._scoring_methods))}
         return result.get(method) if method else result
 
     def _active_estimator(self) -> str | None:

@@ -8,6 +8,7 @@ finished starting (only the server process calls on_init_complete; background ta
 from __future__ import annotations
 
 import logging
+import threading
 
 from fastapi import APIRouter, Body, HTTPException, Request
 
@@ -410,20 +411,14 @@ def register_train_route(fastapi_app) -> None:
     so requests arriving together were all queued and ran one after another. Here the check (a training
     process, or a run queued and not started yet) and the queuing happen under one lock; every request but
     the first answers HTTP 429 as MONAI Label answers a second one. ``enqueue=true`` still queues behind."""
-    import threading
-
     from fastapi import Depends
     from monailabel.config import settings
     from monailabel.endpoints.train import run_model
     from monailabel.endpoints.user.auth import RBAC, User
-    from monailabel.utils.async_tasks.utils import processes, tasks
 
     if any(getattr(r, "name", "") == "labelsentinel_train" for r in fastapi_app.router.routes):
         return
     lock = threading.Lock()
-
-    def busy() -> bool:
-        return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
 
     def train(model: str, params: dict | None = Body(None), run_sync: bool = False, enqueue: bool = False,
               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
@@ -441,7 +436,7 @@ def register_train_route(fastapi_app) -> None:
         try:
             if not enqueue:
                 with lock:
-                    if busy():
+                    if task_busy("train"):
                         raise HTTPException(status_code=429, detail="++++++++++ Train Task is Already Running")
                     if not run_sync:  # queued while the lock is held: the next request sees it
                         return run_model(model, params, run_sync, enqueue)
@@ -452,40 +447,54 @@ def register_train_route(fastapi_app) -> None:
     _add_route_first(fastapi_app, "/train/{model}", train, "labelsentinel_train", ["POST"])
 
 
-def register_scoring_route(fastapi_app) -> None:
-    """``POST /scoring/{method}`` as MONAI Label answers it, except while a run of that method is under way:
-    MONAI Label answered 429 and the request was dropped (the scoring a background training run asks for when it
-    ends, or a lead's, would not happen until something else asked again), and simultaneous requests could each
-    start a run. Here, under one lock: a run of the method already queued is joined (its task is answered), a
-    run under way gets one run queued behind it, else a run starts. ``run_sync=true`` is MONAI Label's."""
-    import threading
+def task_busy(kind: str, listed: list[dict] | None = None) -> bool:
+    """A MONAI Label background task of ``kind`` (train, scoring) runs, or is queued and not started yet (its
+    process exists only a moment after it is queued: MONAI Label's own check looks at processes alone)."""
+    from monailabel.utils.async_tasks.utils import processes, tasks
 
+    listed = tasks(kind) if listed is None else listed
+    return bool(processes(kind)) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in listed)
+
+
+_SCORING_LOCK = threading.Lock()
+
+
+def queue_scoring(method: str, params: dict | None = None) -> dict:
+    """A scoring run of ``method`` for whoever asks (``POST /scoring/{method}``, MONAI Label's automatic scoring
+    after a next sample or a training): a run of it already waiting is joined (its task is answered), a run under
+    way gets one run queued behind it, else a run starts. One lock for every caller, so simultaneous requests
+    never start or queue two. A queued run reads the datastore when it starts: it covers every request made
+    while it waits. MONAI Label answered 429 while a run was under way and the request was dropped."""
+    from monailabel.utils.async_tasks.task import AsyncTask
+    from monailabel.utils.async_tasks.utils import tasks
+
+    with _SCORING_LOCK:
+        listed = tasks("scoring")
+        queued = next((t for t in listed if t.get("status") == "SUBMITTED"
+                       and (t.get("request") or {}).get("method") == method), None)
+        if queued is not None:
+            return queued
+        res, detail = AsyncTask.run("scoring", request={"method": method}, params=params,
+                                    enqueue=task_busy("scoring", listed))
+    if res is None:
+        raise HTTPException(status_code=429, detail=detail)
+    return res
+
+
+def register_scoring_route(fastapi_app) -> None:
+    """``POST /scoring/{method}`` as MONAI Label answers it, but through :func:`queue_scoring` (a request while a
+    run is under way queues one run behind it instead of a dropped 429). ``run_sync=true`` is MONAI Label's."""
     from fastapi import Depends
     from monailabel.config import settings
     from monailabel.endpoints.scoring import run_method
     from monailabel.endpoints.user.auth import RBAC, User
-    from monailabel.utils.async_tasks.task import AsyncTask
-    from monailabel.utils.async_tasks.utils import processes, tasks
 
     if any(getattr(r, "name", "") == "labelsentinel_scoring" for r in fastapi_app.router.routes):
         return
-    lock = threading.Lock()
 
     def score(method: str, params: dict | None = Body(None), run_sync: bool = False,
               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-        if run_sync:
-            return run_method(method, params, run_sync)
-        with lock:
-            listed = tasks("scoring")
-            queued = next((t for t in listed if t.get("status") == "SUBMITTED"
-                           and (t.get("request") or {}).get("method") == method), None)
-            if queued is not None:
-                return queued
-            busy = bool(processes("scoring")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in listed)
-            res, detail = AsyncTask.run("scoring", request={"method": method}, params=params, enqueue=busy)
-        if res is None:
-            raise HTTPException(status_code=429, detail=detail)
-        return res
+        return run_method(method, params, run_sync) if run_sync else queue_scoring(method, params)
 
     _add_route_first(fastapi_app, "/scoring/{method}", score, "labelsentinel_scoring", ["POST"])
 
