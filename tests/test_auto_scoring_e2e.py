@@ -66,11 +66,12 @@ def test_scoring_requested_while_one_runs_is_queued_once_not_refused(server):
     assert [a.status_code for a in answers] == [200] * 4, [(a.status_code, a.text[:200]) for a in answers]
     ids = {a.json()["id"] for a in answers}
     new = _tasks(server.url)[n_before:]
-    # the first run takes seconds (a subprocess builds the app): the four came while it ran, one run queued
-    assert len(new) == 2 and new[0]["id"] == first.json()["id"] and ids == {new[1]["id"]}, (
+    # at most one run waits behind the first: a request arriving before the first run started joins it (it reads
+    # the datastore when it starts), the others join the one run queued behind it
+    assert len(new) <= 2 and new[0]["id"] == first.json()["id"] and ids <= {t["id"] for t in new}, (
         ids, [(t["id"], t["status"]) for t in new])
     t_end = time.time() + 300
     while any(t["status"] in ("SUBMITTED", "RUNNING") for t in _tasks(server.url)):
         assert time.time() < t_end, "scoring did not finish"
         time.sleep(1)
-    assert [t["status"] for t in _tasks(server.url)[n_before:]] == ["DONE", "DONE"]
+    assert [t["status"] for t in _tasks(server.url)[n_before:]] == ["DONE"] * len(new)
