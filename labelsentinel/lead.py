@@ -397,11 +397,27 @@ def parse_cost_model(text: str) -> dict:
     return d
 
 
+def parse_plan_id(text: str):
+    """``--expect-plan``: a plan id (its ``ts``, as `plan` prints it) or ``none`` (no plan may be set)."""
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v == v or v in (float("inf"), float("-inf")):
+        raise ServerError(f"--expect-plan must be a plan id as `labelsentinel plan` prints it (e.g. "
+                          f"1767350000.123456) or none, got {text!r}")
+    return v
+
+
 def cmd_plan(args) -> int:
     base = args.server.rstrip("/")
     if args.cases is None and args.minutes is None:
         if args.cost_model:
             raise ServerError("--cost-model needs a budget: give --cases N and/or --minutes M with it")
+        if args.expect_plan is not None:
+            raise ServerError("--expect-plan needs a budget: give --cases N and/or --minutes M with it")
         d = _get(args.server, "/labelsentinel/budget")
         plan, status = d["plan"], d["status"]
         if args.json:
@@ -419,30 +435,32 @@ def cmd_plan(args) -> int:
     body = {"cases": args.cases, "minutes": args.minutes}
     if args.cost_model:
         body["cost_model"] = parse_cost_model(args.cost_model)
+    if args.expect_plan is not None:
+        body["expected_plan_ts"] = parse_plan_id(args.expect_plan)
     if args.score:
         run_scoring(args.server)
     # The budget used counts from the plan (cases corrected since, and out under `budget`): a new plan starts
-    # from zero, so what the plan it replaces had used is read first and said.
-    try:
-        before = _get(args.server, "/labelsentinel/budget")
-    except ServerError:  # the PUT says what is wrong with the server
-        before = {}
+    # from zero, so what the plan it replaces had used is said. The server replaces the plan and answers with
+    # the one it replaced in one step: a plan read here before the PUT may be gone by then (another lead).
     r = requests.put(f"{base}/labelsentinel/budget", json=body, timeout=120)
+    if r.status_code == 409:
+        raise ServerError(f"the plan was not replaced: {_body(r)}")
     plan = _answer(r, args.server, "/labelsentinel/budget")
-    try:
-        after = _get(args.server, "/labelsentinel/budget").get("status")
-    except ServerError:
-        after = None
-    previous = None
-    if before.get("plan"):
-        previous = {"ts": before["plan"].get("ts"), "budget_cases": before["plan"].get("budget_cases"),
-                    "budget_minutes": before["plan"].get("budget_minutes"),
-                    "planned_cases": len(before["plan"].get("cases") or []), "status": before.get("status") or {}}
+    told = "replaced_plan" in plan  # an older server does not say which plan its PUT replaced
+    previous = plan.pop("replaced_plan", None)
+    after = plan.pop("budget_status", None)
+    if after is None and not told:
+        try:
+            after = _get(args.server, "/labelsentinel/budget").get("status")
+        except ServerError:
+            after = None
     if args.json:
         print(json.dumps({**plan, "replaced_plan": previous, "budget_status": after}, indent=1))
         return 0
     if previous:
         print(_replaced_text(previous))
+    elif not told:
+        print("(this server does not say which plan, if any, the new one replaced: an older Label Sentinel server)")
     _print_plan(plan)
     if after and "used_cases" in after:
         out = after.get("out_cases") or 0
@@ -468,6 +486,8 @@ def _print_plan(plan: dict) -> None:
     b = _budget_text(plan["budget_cases"], plan["budget_minutes"])
     print(f"budget {b}: {len(plan['cases'])} planned correction(s), {plan.get('planned_minutes', plan.get('used_minutes'))} annotator minutes "
           f"({plan['method']})")
+    if isinstance(plan.get("ts"), (int, float)):
+        print(f"plan id {plan['ts']:.6f} (`plan --expect-plan {plan['ts']:.6f} ...` replaces only this plan)")
     for i, c in enumerate(plan["cases"], 1):
         print(f"  {i:3d}. {c['case_id']:<24} expected gain {c['gain']:.4f}  {c['minutes']:.1f} min")
     if plan["dataset_dice_before"] is not None:
@@ -518,10 +538,100 @@ def quality_by_group(q: dict, demographics: dict, method: str = "min") -> list[d
     return rows
 
 
+# Every file a report may write. A report folder holds one report: the files of an earlier report written there
+# that this one does not write (groups.csv comes only with patient groups) are removed, as listed in the
+# folder's manifest, and only while unchanged since; nothing else in the folder is touched.
+REPORT_FILES = ("report.html", "structures.csv", "cases.csv", "budget_curve.csv", "corrections.csv", "groups.csv")
+REPORT_MANIFEST = ".labelsentinel-report.json"
+_GROUPS_HEADER = "by,group,cases,mean_predicted_dice_"
+
+
+def _sha256(path: str) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_manifest(out: str) -> dict | None:
+    try:
+        with open(os.path.join(out, REPORT_MANIFEST)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+
+
+def _write_manifest(out: str, files: dict, ts: float) -> None:
+    path = os.path.join(out, REPORT_MANIFEST)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"written_by": "labelsentinel report", "ts": ts, "files": files}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _start_report_folder(out: str, ts: float) -> dict:
+    """What an earlier report left in ``out``: ``files`` (name -> its sha256 when written, None when a report
+    stopped while writing it), ``ts``, ``legacy`` (no manifest, but a report.html of this command: a folder written
+    before the command kept one). Before anything is written, the manifest also lists the files this report will
+    create, so a report that stops half-way leaves none the next one does not know about."""
+    m = _read_manifest(out)
+    files = {n: v for n, v in ((m or {}).get("files") or {}).items() if n in REPORT_FILES}
+    legacy = False
+    if m is None:
+        try:
+            with open(os.path.join(out, "report.html"), errors="replace") as f:
+                legacy = "<title>Label Sentinel report</title>" in f.read(2000)
+        except OSError:
+            pass
+    pending = {n: None for n in REPORT_FILES if n not in files and not os.path.lexists(os.path.join(out, n))}
+    if pending or m is not None:
+        _write_manifest(out, {**files, **pending}, (m or {}).get("ts") or ts)
+    return {"files": {**files, **pending}, "ts": (m or {}).get("ts"), "legacy": legacy}
+
+
+def _finish_report_folder(out: str, earlier: dict, written: list[str], ts: float) -> dict:
+    """Remove the earlier report's files this one did not write (unchanged since: a file changed since is kept and
+    named), then list this report's files in the manifest. Returns {"removed": [...], "kept": [...]}."""
+    removed, kept = [], []
+    names = set(earlier["files"])
+    if earlier["legacy"]:  # a folder an earlier version of the command wrote: its optional file, by its header
+        names.add("groups.csv")
+    for name in sorted(names - set(written)):
+        path = os.path.join(out, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        if name in earlier["files"]:
+            sha = earlier["files"][name]
+            ours = sha is None or sha == _sha256(path)
+        else:
+            try:
+                with open(path, errors="replace") as f:
+                    ours = f.readline().startswith(_GROUPS_HEADER)
+            except OSError:
+                ours = False
+            if not ours:
+                continue  # not the command's file
+        if ours:
+            os.remove(path)
+            removed.append(name)
+        else:
+            kept.append(name)
+    _write_manifest(out, {n: _sha256(os.path.join(out, n)) for n in written}, ts)
+    return {"removed": removed, "kept": kept}
+
+
 def write_report(q: dict, out: str, method: str = "min", demographics: dict | None = None,
-                 training_now: dict | None = None) -> dict:
+                 training_now: dict | None = None, tidy: dict | None = None) -> dict:
     """HTML page + CSV files from the server's quality records; returns the paths written. ``training_now``: the
-    run in progress (see :func:`training_now`), if any."""
+    run in progress (see :func:`training_now`), if any.
+
+    ``out`` holds one report: the files an earlier report wrote there that this one does not write are removed
+    (those changed since are kept), as the folder's manifest (``.labelsentinel-report.json``) lists them; other
+    files are never touched. ``tidy``, if given, gets ``removed``, ``kept`` (file names) and ``earlier_ts``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -531,6 +641,8 @@ def write_report(q: dict, out: str, method: str = "min", demographics: dict | No
     from labelsentinel.strategies.ranking import aggregate, structures_of
 
     os.makedirs(out, exist_ok=True)
+    now = time.time()
+    earlier = _start_report_folder(out, now)
     thr = q["good_enough"]
     recs = [r for r in q["records"] if r.get("record")]
     per_struct: dict[str, list[float]] = {}
@@ -643,6 +755,9 @@ best cases first.</p>{f'<img src="data:image/png;base64,{figs["budget"]}">' if '
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(page)
     files = ("report.html",) + csv_files
+    done = _finish_report_folder(out, earlier, list(files), now)
+    if tidy is not None:
+        tidy.update(done, earlier_ts=earlier["ts"])
     return {k: os.path.join(out, k) for k in files}
 
 
@@ -669,8 +784,17 @@ def cmd_report(args) -> int:
     except ServerError as e:  # an older server, or a PACS that does not answer: the report goes on without groups
         print(f"warning: no patient sex/age groups: {e}", file=sys.stderr)
         demo = None
-    paths = write_report(q, args.out, args.aggregate, demo, training_now(args.server))
+    tidy: dict = {}
+    paths = write_report(q, args.out, args.aggregate, demo, training_now(args.server), tidy=tidy)
     print(json.dumps(paths, indent=1))
+    when = (f" of {time.strftime('%Y-%m-%d %H:%M', time.localtime(tidy['earlier_ts']))}"
+            if tidy.get("earlier_ts") else "")
+    if tidy.get("removed"):
+        print(f"removed from {args.out}: {', '.join(tidy['removed'])} (written there by the earlier report{when}; "
+              "not part of this report)", file=sys.stderr)
+    for name in tidy.get("kept") or []:
+        print(f"warning: kept {os.path.join(args.out, name)}: the earlier report{when} wrote it, but it was changed "
+              "since; it is not part of this report", file=sys.stderr)
     return 0
 
 
@@ -705,6 +829,9 @@ def register(sub) -> None:
                            help="budget in annotator minutes (with --cases too, the plan keeps within both)")
             p.add_argument("--cost-model", help='JSON with the keys base_minutes, review_minutes, fix_minutes, '
                            'structure_minutes, minutes_per_case, e.g. {"base_minutes": 3, "structure_minutes": {"liver": 10}}')
+            p.add_argument("--expect-plan", metavar="PLAN_ID",
+                           help="replace only this plan (its id, as `plan` prints it; `none`: only when no plan is "
+                           "set): if another lead replaced it meanwhile, nothing changes and the command says so")
         if name == "report":
             p.add_argument("--out", required=True, help="folder for report.html and the CSV files")
             p.add_argument("--aggregate", default="min", choices=["min", "mean", "volume_weighted"])

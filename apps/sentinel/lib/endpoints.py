@@ -8,6 +8,7 @@ finished starting (only the server process calls on_init_complete; background ta
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -67,6 +68,31 @@ def training_payload(store, datastore=None) -> dict:
             "signals_run": latest,
             "signals_runs": signal_runs,
             "suspects_from_last_run": bool(latest and last and str(latest["run_id"]) == str(last.get("run_id")))}
+
+
+# One plan replacement at a time in this server (PUT /labelsentinel/budget): what a PUT replaced is read and
+# written in one step. Only the PUT writes the plan.
+_BUDGET_LOCK = threading.Lock()
+
+
+def same_plan(plan: dict | None, expected_ts) -> bool:
+    """Whether ``plan`` is the one a caller expects: ``expected_ts`` its ``ts`` (to the microsecond, so a ts
+    printed with 6 decimals matches), or None for no plan."""
+    if expected_ts is None or not plan:
+        return expected_ts is None and not plan
+    ts = plan.get("ts")
+    return isinstance(ts, (int, float)) and abs(float(ts) - float(expected_ts)) <= 1e-6
+
+
+def describe_plan(plan: dict) -> str:
+    import time
+
+    ts = plan.get("ts")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else "?"
+    budget = " and ".join(([f"{plan['budget_cases']} cases"] if plan.get("budget_cases") is not None else [])
+                          + ([f"{plan['budget_minutes']:g} minutes"] if plan.get("budget_minutes") is not None else []))
+    plan_id = f"{ts:.6f}" if isinstance(ts, (int, float)) else repr(ts)
+    return f"the current plan is {plan_id} (set {when} server time, budget {budget or 'none'})"
 
 
 def register_routes(app_instance) -> None:
@@ -144,24 +170,60 @@ def register_routes(app_instance) -> None:
         from labelsentinel.strategies.monailabel_adapters import BudgetStrategy
 
         store = app_instance.store()
-        return {"plan": store.get_setting("budget_plan"),
-                "status": BudgetStrategy.status(store, app_instance.datastore())}
+        with _BUDGET_LOCK:  # the plan and its status, not the status of a plan set in between
+            return {"plan": store.get_setting("budget_plan"),
+                    "status": BudgetStrategy.status(store, app_instance.datastore())}
 
     @router.put("/budget")
     def set_budget(body: dict = Body(...)):
+        """A new plan, replacing the current one in one step (under a lock: a PUT at the same moment replaces
+        this one's plan, not the same one). The answer is the new plan, plus ``replaced_plan`` (the plan it
+        replaced, with what it had used at that moment; null when none was set) and ``budget_status`` (the new
+        plan's). ``expected_plan_ts`` (optional): the ``ts`` of the plan the caller means to replace (as ``GET
+        /labelsentinel/budget`` shows it), or null for "no plan set"; when the current plan is another, HTTP 409
+        and nothing changes. Without it, whatever plan is set is replaced, as before."""
         from labelsentinel.strategies.monailabel_adapters import BudgetStrategy
 
-        try:
-            plan = BudgetStrategy.make_plan(
-                app_instance.store(), app_instance.datastore(), budget_cases=body.get("cases"),
-                budget_minutes=body.get("minutes"), cost_model=body.get("cost_model"),
-                threshold=body.get("good_enough", app_instance.threshold), tag=body.get("tag", "original"),
-                prior_mae=app_instance.prior_mae,  # as the strategies calibrate
-            )
-        except (ValueError, TypeError) as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
-        logger.info(f"budget set: {body} -> {len(plan['cases'])} planned case(s)")
-        return plan
+        check = "expected_plan_ts" in body
+        expected = body.get("expected_plan_ts")
+        if check and expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float))
+                                               or not math.isfinite(expected)):
+            raise HTTPException(status_code=422, detail="expected_plan_ts must be the ts of the plan to replace (a "
+                                f"number, as GET /labelsentinel/budget shows it) or null for no plan, got {expected!r}")
+        store, ds = app_instance.store(), app_instance.datastore()
+        with _BUDGET_LOCK:
+            old = store.get_setting("budget_plan")
+            if check and not same_plan(old, expected):
+                raise HTTPException(status_code=409, detail=(
+                    f"the budget plan was replaced since you read it: expected "
+                    f"{'no plan' if expected is None else f'the plan {float(expected):.6f}'}, but "
+                    f"{describe_plan(old) if old else 'no plan is set'}; nothing was changed. Read the current plan "
+                    "(GET /labelsentinel/budget, or `labelsentinel plan --server URL`) and set the budget again"))
+            replaced = None
+            if old:
+                try:
+                    old_status = BudgetStrategy.status(store, ds)
+                except Exception as e:  # the datastore cannot be listed now: the replacement goes on
+                    old_status = {"error": f"{type(e).__name__}: {e}"}
+                replaced = {"ts": old.get("ts"), "budget_cases": old.get("budget_cases"),
+                            "budget_minutes": old.get("budget_minutes"), "planned_cases": len(old.get("cases") or []),
+                            "tag": old.get("tag"), "status": old_status}
+            try:
+                plan = BudgetStrategy.make_plan(
+                    store, ds, budget_cases=body.get("cases"),
+                    budget_minutes=body.get("minutes"), cost_model=body.get("cost_model"),
+                    threshold=body.get("good_enough", app_instance.threshold), tag=body.get("tag", "original"),
+                    prior_mae=app_instance.prior_mae,  # as the strategies calibrate
+                )
+            except (ValueError, TypeError) as e:
+                raise HTTPException(status_code=422, detail=str(e)) from e
+            try:
+                status = BudgetStrategy.status(store, ds)
+            except Exception as e:
+                status = {"error": f"{type(e).__name__}: {e}"}
+        logger.info(f"budget set: {body} -> {len(plan['cases'])} planned case(s), plan {plan['ts']!r}, replacing "
+                    f"{'plan ' + repr(replaced['ts']) if replaced else 'none'}")
+        return {**plan, "replaced_plan": replaced, "budget_status": status}
 
     @router.get("/demographics")
     def demographics():
