@@ -414,6 +414,9 @@ def test_slicer_workflow_saves_a_dicom_seg_and_trains(server, pacs, loaded, tmp_
     seg_names = [str(s.SegmentLabel) for s in meta.SegmentSequence]
     assert len(seg_names) == len(present) - 1
     assert seg_names == [by_id.get(v, f"s{v}") for v in present[1:]]
+    # Listed in the PACS (and OHIF) as what it is, not as MONAI Label's default "AIName" / "Unknown"
+    assert str(meta.SeriesDescription) == "Label Sentinel final label"
+    assert [str(s.SegmentDescription) for s in meta.SegmentSequence] == seg_names
     # The final label reads back with its label ids; the case is no longer served.
     back = client.download_label(image_id, "final")
     assert np.array_equal(np.asarray(nib.load(back).dataobj), arr)

@@ -12,7 +12,9 @@ Fixed here:
   in the PACS is fetched and mapped to label ids by segment name (not by segment number, which dcmqi
   renumbers 1..n).
 - segment names: MONAI Label names the SEG's segments by position in ``label_info``; here every segment gets
-  the name of its label id (from ``label_info`` entries with ``idx``/``id``, else the app's label names).
+  the name of its label id (from ``label_info`` entries with ``idx``/``id``, else the app's label names), as
+  its label and description, and the SEG series is described as "Label Sentinel final label" (MONAI Label:
+  "AIName" and "Unknown"; its ContentCreatorName stays dcmqi's template's "Reader1").
 - listing: MONAI Label caches the PACS's series and SEG lists for ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` (2 h),
   so series and SEGs added to the PACS stayed invisible that long; here both lists are asked again after
   ``LABELSENTINEL_DICOMWEB_REFRESH`` seconds (default 30), an image id not in the list is looked up once more
@@ -51,6 +53,10 @@ logger = logging.getLogger(__name__)
 FINAL = DefaultLabelTag.FINAL.value
 NETWORK_ERRORS = (requests.RequestException, ConnectionError, OSError)
 REFRESH_ENV = "LABELSENTINEL_DICOMWEB_REFRESH"  # seconds between two listings of the PACS (default 30)
+
+
+# SeriesDescription of the SEG a final label is stored as (what a PACS or OHIF lists the series as)
+SEG_SERIES_DESCRIPTION = "Label Sentinel final label"
 
 
 def refresh_seconds() -> float:
@@ -320,7 +326,10 @@ class SentinelDICOMWebDatastore(DICOMWebDatastore):
         for v in values:
             e = dict(given.get(v, {}))
             e.setdefault("name", self.names.get(v, f"label_{v}"))
+            e.setdefault("description", e["name"])  # MONAI Label's default SegmentDescription: "Unknown"
             out.append(e)
+        if out:  # MONAI Label names the SEG series after the first entry's model_name, else "AIName"
+            out[0].setdefault("model_name", SEG_SERIES_DESCRIPTION)
         return out
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
