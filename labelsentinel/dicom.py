@@ -363,13 +363,15 @@ def upload(datasets, dicomweb_url: str, batch: int = 32) -> int:
     return n
 
 
-def series_demographics(dicomweb_url: str, series_uids=None) -> dict[str, dict]:
-    """SeriesInstanceUID -> {"sex", "age" (years or None), "patient_id", "study_uid"} from QIDO-RS (every page;
-    the server's credentials). Raises DicomUnavailable (a DicomError) naming the PACS when it cannot be
-    reached or refuses the query."""
+def series_demographics(source, series_uids=None) -> dict[str, dict]:
+    """SeriesInstanceUID -> {"sex", "age" (years or None), "patient_id", "study_uid"} from QIDO-RS (every page).
+    ``source``: a DICOMweb URL (a client with the server's credentials is made for it) or a DICOMweb client (the
+    datastore's own). Raises DicomUnavailable (a DicomError) naming the PACS when it cannot be reached or
+    refuses the query."""
     import requests
 
-    client = dicomweb_client(dicomweb_url)
+    client = dicomweb_client(source) if isinstance(source, str) else source
+    dicomweb_url = source if isinstance(source, str) else getattr(client, "base_url", "the PACS")
     out = {}
     try:
         found = search_series_all(client, fields=["PatientSex", "PatientAge", "PatientID"])

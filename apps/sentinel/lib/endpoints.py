@@ -249,7 +249,7 @@ def image_demographics(app_instance) -> dict:
         from labelsentinel.dicom import DicomUnavailable, series_demographics
 
         try:
-            found = series_demographics(client.base_url, set(images))
+            found = series_demographics(client, set(images))  # the datastore's client: its credentials, its PACS
         except DicomUnavailable as e:  # the PACS is down or refuses the query: say so (not a bare 500)
             raise HTTPException(status_code=503, detail=f"demographics unavailable: {e}") from e
         for uid, d in found.items():
