@@ -230,6 +230,47 @@ def test_a_label_saved_with_another_extension_leaves_one_current_file(client, se
     assert r.status_code == 200 and r.headers["content-disposition"].endswith('case_000.nii"'), r.headers
 
 
+def test_a_final_label_saved_over_another_keeps_it_and_says_whose_it_was(server, tmp_path):
+    """Two annotators save a final label for the same case (one had it out, served by `quality`): MONAI Label
+    overwrote the first one's file. The first is kept in the label history byte for byte, the answer to the
+    second says whose label it replaced and that the case was out with the other, and the label served is the
+    second one's. A re-submit by the same annotator replaces without a warning (and is kept too)."""
+    from monailabel.client import MONAILabelClient
+
+    alice = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="alice")
+    bob = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="bob")
+    image = os.path.join(server.studies, "case_001.nii.gz")
+    hist = os.path.join(server.studies, ".labelsentinel", "label-history", "final")
+    before = set(glob.glob(os.path.join(hist, "case_001.*")))
+    a_path, a_arr = _label_on(image, str(tmp_path / "alice.nii.gz"), values=(5,))
+    b_path, b_arr = _label_on(image, str(tmp_path / "bob.nii.gz"), values=(6, 52))
+    res_a = alice.save_label("case_001", a_path, tag="final")  # over the demo's final label (no client id)
+    assert res_a["replaced"]["client_id"] is None and len(res_a["warnings"]) == 1, res_a
+    assert "replaced the one an annotator saved" in res_a["warnings"][0]
+    with open(os.path.join(server.studies, "labels", "final", "case_001.nii.gz"), "rb") as f:
+        alice_bytes = f.read()
+    mid = set(glob.glob(os.path.join(hist, "case_001.*")))
+    # alice has the case out again (the lease next_sample takes, written to the server's store), and bob saves
+    # his label over hers
+    from labelsentinel.store import Store, store_path
+
+    Store(store_path(server.studies)).acquire_lease("case_001", "alice", ttl=600, strategy="quality")
+    res_b = bob.save_label("case_001", b_path, tag="final")
+    assert res_b["replaced"]["client_id"] == "alice", res_b
+    text = " ".join(res_b.get("warnings") or [])
+    assert "was out with alice" in text and "replaced the one alice saved" in text, res_b
+    kept = os.path.join(server.studies, res_b["replaced"]["history"])
+    assert set(glob.glob(os.path.join(hist, "case_001.*"))) - mid == {kept}
+    with open(kept, "rb") as f:
+        assert f.read() == alice_bytes  # alice's work is not lost
+    served = bob.download_label("case_001", "final")
+    assert np.array_equal(np.asarray(nib.load(served).dataobj), b_arr)
+    # bob saves again: no warning (his own label), his first one kept as well
+    res_b2 = bob.save_label("case_001", b_path, tag="final")
+    assert res_b2["replaced"]["client_id"] == "bob" and not res_b2.get("warnings"), res_b2
+    assert len(set(glob.glob(os.path.join(hist, "case_001.*"))) - before) == 3  # demo's, alice's, bob's first
+
+
 # ------------------------------------------------------------------------------------------ defect: path traversal
 @pytest.mark.parametrize("bad", ["../../tmp/evil", "..", "a/b", "a\\b", "x\x00y", ".hidden", "x..y", "a  b", " ab", "ab ", "a\tb", "/abs"])
 def test_unsafe_ids_and_tags_are_refused_and_nothing_is_written(server, tmp_path, bad):

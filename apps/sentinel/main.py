@@ -11,6 +11,7 @@ import gc
 import logging
 import math
 import os
+import time
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
@@ -291,6 +292,7 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
 
             labels = self.datastore().get_labels_by_image_id(image_id)
             if labels.get("final") == label_id:
+                res.update(self._save_notes(image_id, label_id))
                 self.store().release_lease(image_id)
                 res["corrections"] = record_corrections(self.store(), self.datastore(),
                                                         weights_version(self._active_estimator()), self.prior_mae,
@@ -299,6 +301,35 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
             logger.error(f"recording the correction of {image_id} failed: {e}")
             res["corrections_error"] = str(e)
         return res
+
+    def _save_notes(self, image_id: str, label_id: str) -> dict:
+        """What the annotator who saved a final label should know: the case was out with another annotator, or the
+        label replaced one saved before (kept in the label history). ``replaced`` and ``warnings`` in the answer
+        (the save itself is never refused for this: no work is lost either way)."""
+        notes: dict = {}
+        try:
+            info = self.datastore().get_label_info(label_id, "final") or {}
+        except Exception:
+            return notes
+        saver = info.get("client_id")
+        warnings = []
+        lease = self.store().leases().get(image_id)
+        if lease and saver and lease["client_id"] != saver:  # (OHIF sends no client_id with a save: not known)
+            warnings.append(f"{image_id} was out with {lease['client_id']} (served by {lease.get('strategy') or 'a strategy'}); "
+                            "your final label is saved")
+        rep = info.get("replaced")
+        if rep:
+            notes["replaced"] = rep
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["ts"])) if rep.get("ts") else "an earlier time"
+            if rep.get("client_id") != saver:  # another annotator's (a re-submit by the same one is no news)
+                kept = f"; it is kept at {rep['history']}" if rep.get("history") else ""
+                warnings.append(f"this final label replaced the one {rep.get('client_id') or 'an annotator'} saved at "
+                                f"{when}{kept}")
+        if warnings:
+            notes["warnings"] = warnings
+            for w in warnings:
+                logger.warning(f"final label of {image_id} saved: {w}")
+        return notes
 
     def on_init_complete(self):
         super().on_init_complete()

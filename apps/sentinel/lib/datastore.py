@@ -11,7 +11,9 @@
   leave its labels on another grid), a label must be readable and on its image's grid (422), and its image
   must exist (404) and be readable (422). Label files are written atomically too.
 - One current file per image and tag: saving ``X.nii`` where ``X.nii.gz`` exists moves the older one into
-  ``.labelsentinel/label-history/`` (never deleted), so a later rebuild cannot bring back an old label.
+  ``.labelsentinel/label-history/`` (never deleted), so a later rebuild cannot bring back an old label. A label
+  saved over one of the same tag (a second annotator's final, a re-submit) keeps the one it replaces there too
+  (MONAI Label overwrote it), and the new label's info says which (``replaced``: its time, client id, file).
 - 3D Slicer exports a segmentation with values 1..N in segment order and names them in
   ``params["label_info"]`` (``[{"name": "aorta", "idx": 7}, ...]``); the values are rewritten to the ids the
   app's structure names give (unknown names: HTTP 422), so a Slicer save stores the app's label ids.
@@ -302,7 +304,9 @@ class SentinelDatastore(LocalDatastore):
             return []
         return [f for f in files for e in self._exts if f == image_id + e]
 
-    def _move_to_history(self, path: str, tag: str, why: str) -> str:
+    def _move_to_history(self, path: str, tag: str, why: str, copy: bool = False) -> str:
+        """``path`` into the label history (never deleted); ``copy``: a copy, the file stays (it is about to be
+        replaced atomically, so the current label exists at every moment)."""
         name = os.path.basename(path)
         ext = next((e for e in self._exts if name.endswith(e)), "")
         stem = name[: len(name) - len(ext)] if ext else name
@@ -314,8 +318,11 @@ class SentinelDatastore(LocalDatastore):
             while os.path.exists(dest):
                 n += 1
                 dest = os.path.join(dest_dir, f"{stem}.{stamp}-{n}{ext}")
-            os.replace(path, dest)
-        logger.warning(f"{path} moved to {dest}: {why}")
+            if copy:
+                _atomic_copy(path, dest)
+            else:
+                os.replace(path, dest)
+        logger.warning(f"{path} {'copied' if copy else 'moved'} to {dest}: {why}")
         return dest
 
     def _one_file_per_label(self, labels_dir: str) -> None:
@@ -532,11 +539,18 @@ class SentinelDatastore(LocalDatastore):
                 raise HTTPException(status_code=404, detail=f"the {label_tag} label of {image_id} was NOT saved: "
                                                             f"image {image_id!r} is not in the datastore")
             os.makedirs(label_path, exist_ok=True)
+            before, kept = obj.labels.get(label_tag), None
+            if os.path.isfile(dest):  # the label it replaces goes to the history first: no saved label is lost
+                kept = self._move_to_history(dest, label_tag, f"replaced by the {label_tag} label just saved", copy=True)
             _atomic_copy(label_filename, dest)
             for f in self._label_files(label_path, image_id):
                 if f != name:
-                    self._move_to_history(os.path.join(label_path, f), label_tag,
-                                          f"replaced by the {label_tag} label {name} just saved")
+                    kept = self._move_to_history(os.path.join(label_path, f), label_tag,
+                                                 f"replaced by the {label_tag} label {name} just saved")
+            if before is not None or kept:  # who saved the label this one replaces, and where it is kept
+                prev = dict(before.info or {}) if before is not None else {}
+                label_info["replaced"] = {"ts": prev.get("ts"), "client_id": prev.get("client_id"),
+                                          "history": os.path.relpath(kept, self._datastore_path) if kept else None}
             label_info["ts"] = int(time.time())
             label_info["name"] = name
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
