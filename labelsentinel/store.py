@@ -67,6 +67,14 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 
+def store_timeout() -> float:
+    """Seconds a store write waits for another process's write (``LABELSENTINEL_STORE_TIMEOUT``, default 30)."""
+    try:
+        return max(0.1, float(os.environ.get("LABELSENTINEL_STORE_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
 def store_path(studies: str) -> str:
     return os.path.join(studies, ".labelsentinel", "sentinel.db")
 
@@ -111,7 +119,9 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # how long a write waits for another process's write to end (a store write takes milliseconds; only
+            # a process holding a transaction open, e.g. a sqlite3 shell, makes it wait): then "database is locked"
+            conn = sqlite3.connect(self.path, timeout=store_timeout(), isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn

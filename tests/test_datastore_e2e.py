@@ -67,7 +67,8 @@ def server(studies_src, tmp_path_factory):
     open(os.path.join(studies, "labels", "original", "case_000.nii.gz"), "wb").close()
     # an image that cannot be read
     _truncate(os.path.join(studies, "case_000.nii.gz"), os.path.join(studies, "broken.nii.gz"))
-    srv = Server(studies, str(work)).start()
+    # a store write waits 3 s for another process's write lock (default 30 s), for the locked-store test
+    srv = Server(studies, str(work), env={"LABELSENTINEL_STORE_TIMEOUT": "3"}).start()
     yield srv
     srv.stop()
 
@@ -269,6 +270,30 @@ def test_a_final_label_saved_over_another_keeps_it_and_says_whose_it_was(server,
     res_b2 = bob.save_label("case_001", b_path, tag="final")
     assert res_b2["replaced"]["client_id"] == "bob" and not res_b2.get("warnings"), res_b2
     assert len(set(glob.glob(os.path.join(hist, "case_001.*"))) - before) == 3  # demo's, alice's, bob's first
+
+
+def test_a_locked_record_store_answers_503_with_the_reason_and_serves_again_after(server):
+    """Another process (a sqlite3 shell, a script) holds the record store's write lock: next sample answered a
+    bare 500 after a minute (two 30 s waits). It now answers 503 naming the store, after the store's wait
+    (3 s here), and serves normally once the lock is gone."""
+    import sqlite3
+
+    from labelsentinel.store import store_path
+
+    con = sqlite3.connect(store_path(server.studies), isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.time()
+        r = requests.post(f"{server.url}/activelearning/random", json={"client_id": "carol"}, timeout=120)
+        waited = time.time() - t0
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert r.status_code == 503, (r.status_code, r.text)
+    assert "record store" in r.json()["detail"] and "locked" in r.json()["detail"]
+    assert waited < 15, waited
+    r = requests.post(f"{server.url}/activelearning/random", json={"client_id": "carol"}, timeout=60)
+    assert r.status_code == 200 and r.json().get("id"), r.text
 
 
 # ------------------------------------------------------------------------------------------ defect: path traversal

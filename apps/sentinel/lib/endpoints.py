@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -458,6 +459,16 @@ def register_activelearning_route(fastapi_app) -> None:
             return sample(strategy, params, user.username)
         except ValueError as e:  # a bad option value: say which, instead of a bare 500
             raise HTTPException(status_code=422, detail=str(e)) from e
+        except sqlite3.OperationalError as e:  # another process holds the record store's write lock
+            if "locked" not in str(e):
+                raise
+            from labelsentinel.store import store_timeout
+
+            path = getattr(getattr(app_instance(), "_store", None), "path", None) or "sentinel.db"
+            raise HTTPException(status_code=503, detail=(
+                f"no case was served: Label Sentinel's record store {path} stayed locked by another process for "
+                f"{store_timeout():g} s (a sqlite3 shell or script with a transaction open?); nothing was changed. "
+                "Close it and ask again")) from e
 
     _add_route_first(fastapi_app, "/activelearning/{strategy}", next_sample, "labelsentinel_activelearning", ["POST"])
 
