@@ -8,6 +8,20 @@ instead of a final label flagged by the previous run (saved under the ``refurbis
 never touched). CUDA with mixed precision when a GPU is present, CPU otherwise. Every pair a run would use is
 checked in full first (``check_pairs``); unusable ones are skipped with the reason. The run's record says
 whether it finished or failed.
+
+A run's products (the model, the checkpoint the next run starts from, the refurbished labels, the label-error
+signals, the run's record) are published only when it finishes. MONAI Label published the best model at every
+epoch and the run saved its refurbished labels into the datastore before training, so a run stopped with
+DELETE /train (its process killed with SIGKILL) changed the model the server infers with, the checkpoint the
+next run started from, and replaced the refurbished labels of the last finished run. Now a run works in
+``MODEL_DIR/segmentation/staging/<run_id>-<pid>/`` (MONAI Label's output folder for the run: checkpoints, stats,
+cache; plus its refurbished labels and signals); when it finishes it writes ``COMMITTED.json`` there (its record), then
+publishes: the best model to the published path (atomically: inference sees the old or the new file), the
+refurbished labels into the datastore (tagged with the ``run_id``), the signals into the record store, the
+checkpoints into ``MODEL_DIR/segmentation/<name>/`` as MONAI Label keeps them, the record; then the folder is
+removed. The next run first looks at what is left there: the work of a run that did not finish (stopped, killed,
+failed) is discarded; that of a run killed while publishing (``COMMITTED.json`` there) is published. A work area
+whose process still runs is left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import threading
 import time
 
 import torch
@@ -244,9 +260,97 @@ def _case_id(datastore, image_path: str) -> str:
     return os.path.basename(image_path).split(".")[0]
 
 
+# ---- a run's work area, published only when the run finishes ---------------------------------------------
+STAGING = "staging"  # MODEL_DIR/segmentation/staging/<run_id>-<pid>/
+OWNER, COMMIT, SIGNALS, REFURBISHED = "owner.json", "COMMITTED.json", "signals.json", "refurbished"
+_LIVE: set[str] = set()  # work areas of the runs under way in this process (synchronous runs, run_sync=true)
+_LIVE_LOCK = threading.Lock()
+
+
+def _atomic_json(path: str, data) -> None:
+    """``path`` replaced in one step, flushed to disk first (a reader, or a later start, never sees half a file)."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_copy(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` through a temp file next to it: a reader (inference loading the published model)
+    sees the old file or the new one, never a partial copy (MONAI Label's publisher used shutil.copy)."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as s, open(tmp, "wb") as d:
+            shutil.copyfileobj(s, d, 1 << 20)
+            d.flush()
+            os.fsync(d.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _stage_alive(stage: str) -> bool:
+    """Whether the run that owns the work area ``stage`` (named ``<run_id>-<pid>``) still runs: a run of this
+    process that has not returned, or the process that created it (same pid and start time) in another."""
+    with _LIVE_LOCK:
+        if os.path.abspath(stage) in _LIVE:
+            return True
+    try:
+        pid = int(os.path.basename(stage).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():  # a run of this process that is no longer under way
+        return False
+    started = _process_started(pid)
+    if started is None:
+        return False
+    owner = _read_json(os.path.join(stage, OWNER))
+    if not owner or owner.get("started") is None:  # being created right now
+        return True
+    return abs(started - float(owner["started"])) < 1.0  # else the pid is another process's now
+
+
+def _label_ext(path: str) -> str:
+    name = os.path.basename(path)
+    return next((e for e in (".nii.gz", ".seg.nrrd") if name.endswith(e)), os.path.splitext(name)[1])
+
+
 class _SignalHandler:
     """At ``signal_checkpoints`` evenly spaced epochs, computes every final label's checkpoint maps; at the
-    end of training writes the label-error signals to the record store."""
+    end of training writes the label-error signals into the run's work area (the record store gets them when
+    the run is published)."""
 
     def __init__(self, task: "Segmentation", context: Context):
         self.task, self.context = task, context
@@ -301,8 +405,9 @@ class _SignalHandler:
         for case, _, _, label_path in self.data:
             scores[case]["label_stamp"] = file_stamp(label_path)
             scores[case]["label"] = label_path
-        self.task.sentinel["store"]().put_signals(str(self.context.run_id), scores)
-        logger.info(f"label-error signals written for {len(scores)} final labels ({self.signals.checkpoints} checkpoints)")
+        # into the run's work area (context.output_dir): the record store gets them when the run is published
+        _atomic_json(os.path.join(self.context.output_dir, SIGNALS), {"run_id": str(self.context.run_id), "scores": scores})
+        logger.info(f"label-error signals computed for {len(scores)} final labels ({self.signals.checkpoints} checkpoints)")
 
 
 class Segmentation(BasicTrainTask):
@@ -321,6 +426,10 @@ class Segmentation(BasicTrainTask):
         kwargs.setdefault("tracking_uri", settings.MONAI_LABEL_TRACKING_URI
                           or "sqlite:///" + os.path.join(os.path.abspath(model_dir), "mlflow.db"))
         super().__init__(model_dir, description, labels=labels, amp=torch.cuda.is_available(), **kwargs)
+        # MONAI Label's publisher copies the best model to the published path at every epoch: a stopped run changed
+        # the model the server infers with. The path is kept here and used by ``_publish`` when a run finishes.
+        self._publish_to, self._publish_path = self._publish_path, None
+        self._run, self._checked, self._stage, self._staged_labels, self._output_name = None, False, None, [], None
         self._config["tracking"] = ["None", "mlflow"]
         self._config.update({
             "max_epochs": 20, "val_split": 0.2, "lr": 2e-3,
@@ -371,21 +480,31 @@ class Segmentation(BasicTrainTask):
         request.update(values)
 
     def __call__(self, request, datastore):
-        """MONAI Label's run, and its record (store ``training_runs``, ``train_data.json``, and
-        ``train_refused.json`` once the data checks ran) written when it ends: ``status`` finished, or failed
+        """MONAI Label's run, in its own work area, and its record (store ``training_runs``, ``train_data.json``,
+        and ``train_refused.json`` once the data checks ran) written when it ends: ``status`` finished, or failed
         with the ``error`` (a failure in the data checks, the options or training itself). Nothing is written
-        before: a run killed from outside (DELETE /train) leaves no record, and the files keep describing the
-        last run that ended."""
-        self._run, self._checked = None, False
+        before, and nothing the run makes is published before it finishes (``_commit``): a run killed from
+        outside (DELETE /train) leaves no record, the files keep describing the last run that ended, and the
+        model, the refurbished labels and the signals stay those of the last run that finished. What earlier runs
+        left in their work areas is published or discarded first (``recover``)."""
+        self._run, self._checked, self._stage, self._staged_labels, self._output_name = None, False, None, [], None
+        self.recover(datastore)
         try:
-            result = super().__call__(request, datastore)
-        except BaseException as e:
-            self._end_run("failed", e)
-            raise
-        self._end_run("finished", result=result)
-        return result
+            try:
+                result = super().__call__(request, datastore)
+            except BaseException as e:
+                self._discard(self._stage, "failed")
+                self._end_run("failed", e)
+                raise
+            self._commit(result, datastore)
+            return result
+        finally:
+            if self._stage:
+                with _LIVE_LOCK:
+                    _LIVE.discard(os.path.abspath(self._stage))
 
-    def _end_run(self, status: str, error: BaseException | None = None, result=None) -> None:
+    def _record(self, status: str, error: BaseException | None = None, result=None) -> dict:
+        """The run's record as it ends."""
         run = self._run if self._run is not None else {"run_id": None, "ts": time.time()}
         run.update(status=status, ended=time.time(), seconds=round(time.time() - run["ts"], 1), error=None)
         if error is not None:
@@ -397,10 +516,16 @@ class Segmentation(BasicTrainTask):
                 run["error"] += f" (cause: {type(cause).__name__}: {str(cause)[:500]})"
         if isinstance(result, dict) and result.get("best_metric") is not None:
             run["best_metric"] = result["best_metric"]
+        return run
+
+    def _end_run(self, status: str, error: BaseException | None = None, result=None) -> None:
+        self._write_record(self._record(status, error, result), self._checked)
+
+    def _write_record(self, run: dict, checked: bool) -> None:
         try:
-            if self._checked:
+            if checked:
                 self._write_json("train_refused.json", {"ts": int(time.time()), "run_id": run.get("run_id"),
-                                                        "refused": run["refused"]})
+                                                        "refused": run.get("refused", [])})
             self._write_json("train_data.json", run)
             if self.sentinel:
                 store = self.sentinel["store"]()
@@ -408,7 +533,157 @@ class Segmentation(BasicTrainTask):
                 store.set_setting("training_runs", (runs + [run])[-50:])
         except Exception as e:  # never hides the run's own error
             logger.error(f"training run record not written: {e}")
-        logger.info(f"training run {run.get('run_id')} {status}" + (f": {run['error']}" if run.get("error") else ""))
+        logger.info(f"training run {run.get('run_id')} {run.get('status')}" + (f": {run['error']}" if run.get("error") else ""))
+
+    def _recorded(self, run_id) -> bool:
+        """Whether the record of run ``run_id`` was written (a run killed while it was being published)."""
+        if self.sentinel:
+            try:
+                runs = self.sentinel["store"]().get_setting("training_runs", []) or []
+                return any(str(r.get("run_id")) == str(run_id) for r in runs)
+            except Exception as e:
+                logger.error(f"training runs could not be read: {e}")
+        return str((_read_json(os.path.join(self._model_dir, "train_data.json")) or {}).get("run_id")) == str(run_id)
+
+    # ---- a run's work area: published when the run finishes, discarded otherwise ----------------------------
+    def _open_stage(self, request) -> str:
+        """The run's work area, ``staging/<run_id>-<pid>``, made MONAI Label's output folder of the run
+        (``context.output_dir`` is ``model_dir/<name>``): its checkpoints, stats and cache go there, and so do its
+        refurbished labels and signals."""
+        run_id = str(request["run_id"])
+        self._output_name = str(request.get("name") or "train_01")
+        stage = os.path.join(self._model_dir, STAGING, f"{run_id}-{os.getpid()}")
+        with _LIVE_LOCK:
+            _LIVE.add(os.path.abspath(stage))
+        if os.path.exists(stage):
+            shutil.rmtree(stage)
+        os.makedirs(stage)
+        _atomic_json(os.path.join(stage, OWNER), {"run_id": run_id, "pid": os.getpid(),
+                                                  "started": _process_started(os.getpid()), "name": self._output_name})
+        self._stage = stage
+        request["name"] = os.path.relpath(stage, self._model_dir)
+        return stage
+
+    def _commit(self, result, datastore) -> None:
+        """The run finished: its record goes into ``COMMITTED.json`` in its work area (from then on a run killed
+        while publishing is published by the next one), then everything is published (``_publish``)."""
+        run = self._record("finished", result=result)
+        manifest = {"run": run, "checked": self._checked, "name": self._output_name, "labels": self._staged_labels}
+        try:
+            _atomic_json(os.path.join(self._stage, COMMIT), manifest)
+        except Exception as e:
+            self._discard(self._stage, f"finished but could not be published ({type(e).__name__}: {e})")
+            self._write_record(self._record("failed", e), self._checked)
+            raise
+        self._publish(self._stage, manifest, datastore)
+
+    def _publish(self, stage: str, manifest: dict, datastore) -> None:
+        """Publish a finished run's work area: the model (atomically), the refurbished labels into the datastore
+        (with the run id), the label-error signals, MONAI Label's checkpoints and stats into
+        ``MODEL_DIR/segmentation/<name>/``, the record; then remove the work area. Each step can be done again:
+        a run killed while publishing is published by the next run (``recover``)."""
+        run = manifest["run"]
+        run_id = run.get("run_id")
+        best = os.path.join(stage, self._key_metric_filename)
+        if self._publish_to and os.path.isfile(best):
+            try:
+                _atomic_copy(best, self._publish_to)
+                logger.info(f"training run {run_id}: model published: {best} => {self._publish_to}")
+            except OSError as e:  # nothing published: the run counts as failed
+                shutil.rmtree(stage, ignore_errors=True)
+                run.update(status="failed", error=f"the model could not be published to {self._publish_to}: {e}")
+                self._write_record(run, manifest.get("checked", False))
+                raise RuntimeError(run["error"]) from e
+        for item in manifest.get("labels") or []:
+            case, staged = item["case"], item["file"]
+            try:
+                if os.path.isfile(staged):
+                    datastore.save_label(case, staged, REFURBISHED, {**item.get("info", {}), "run_id": run_id})
+                    os.unlink(staged)
+                label_id = datastore.get_labels_by_image_id(case).get(REFURBISHED)
+                path = datastore.get_label_uri(label_id, REFURBISHED) if label_id else None
+                err = None if path else "not in the datastore"
+            except Exception as e:  # e.g. the image was deleted meanwhile
+                path, err = None, f"{type(e).__name__}: {getattr(e, 'detail', None) or e}"
+                logger.error(f"training run {run_id}: refurbished label of {case} not saved: {err}")
+            for r in run.get("refurbished") or []:
+                if r.get("case") == case:
+                    r["refurbished"] = path
+                    if err:
+                        r["error"] = err
+        signals = _read_json(os.path.join(stage, SIGNALS))
+        if signals and self.sentinel:
+            try:
+                self.sentinel["store"]().put_signals(str(signals.get("run_id", run_id)), signals["scores"])
+                logger.info(f"label-error signals written for {len(signals['scores'])} final labels")
+            except Exception as e:
+                logger.error(f"training run {run_id}: label-error signals not written: {e}")
+        out = os.path.join(self._model_dir, manifest.get("name") or "train_01")
+        try:  # MONAI Label's checkpoints and stats of the run, where it keeps them
+            os.makedirs(out, exist_ok=True)
+            for f in os.listdir(stage):
+                if f in (OWNER, COMMIT, SIGNALS, REFURBISHED) or f.startswith("cache_"):
+                    continue
+                dst = os.path.join(out, f)
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    shutil.rmtree(dst)
+                os.replace(os.path.join(stage, f), dst)
+        except OSError as e:
+            logger.error(f"training run {run_id}: checkpoints not moved to {out}: {e}")
+        if not self._recorded(run_id):
+            self._write_record(run, manifest.get("checked", False))
+        shutil.rmtree(stage, ignore_errors=True)
+
+    def _discard(self, stage: str | None, why: str) -> None:
+        """Remove the work area of a run that did not finish, saying what it held (nothing was published)."""
+        if not stage or not os.path.isdir(stage):
+            return
+        owner = _read_json(os.path.join(stage, OWNER)) or {}
+        held = []
+        if os.path.isfile(os.path.join(stage, self._key_metric_filename)):
+            held.append("a model checkpoint")
+        try:
+            n = len(os.listdir(os.path.join(stage, REFURBISHED)))
+        except OSError:
+            n = 0
+        if n:
+            held.append(f"{n} refurbished label(s)")
+        shutil.rmtree(stage, ignore_errors=True)
+        logger.warning(f"training run {owner.get('run_id') or os.path.basename(stage)} {why}: its work is discarded "
+                       f"({', '.join(held) or 'nothing made yet'}); the model, refurbished labels and signals of the "
+                       "last finished run stay as they were")
+
+    def recover(self, datastore) -> None:
+        """Before a run: the work areas left by earlier runs whose process has ended. A run that finished but was
+        killed while publishing (``COMMITTED.json`` there) is published now; any other (stopped with DELETE /train,
+        killed, failed) is discarded. A work area whose run still runs (another process) is left alone."""
+        root = os.path.join(self._model_dir, STAGING)
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            return
+        for n in names:
+            stage = os.path.join(root, n)
+            if not os.path.isdir(stage) or _stage_alive(stage):
+                continue
+            try:
+                manifest = _read_json(os.path.join(stage, COMMIT))
+                if isinstance(manifest, dict) and isinstance(manifest.get("run"), dict):
+                    logger.warning(f"training run {manifest['run'].get('run_id')} finished but its process ended "
+                                   "while its products were being published: publishing them now")
+                    self._publish(stage, manifest, datastore)
+                else:
+                    self._discard(stage, "did not finish (stopped with DELETE /train, or its process ended)")
+            except Exception as e:  # never stops a new run
+                logger.error(f"training work area {stage} left as it is: {type(e).__name__}: {e}")
+
+    def load_path(self, output_dir, pretrained=True):
+        """The weights a run starts from: the published model, which only a finished run writes, else the
+        starting weights (``pretrained``). MONAI Label looked first in the run's output folder, where a stopped
+        run had left its own checkpoint."""
+        if self._publish_to and os.path.exists(self._publish_to):
+            return self._publish_to
+        return self._load_path if pretrained else None
 
     def _write_json(self, name: str, data: dict) -> None:
         """``MODEL_DIR/segmentation/name`` replaced in one step (a reader never sees half a file)."""
@@ -431,6 +706,7 @@ class Segmentation(BasicTrainTask):
         run.update(device=device, amp=self._amp,
                    options={k: _opt(request, k, v) for k, v in self._config.items()
                             if k.startswith(("pseudo_", "refurbish", "suspect_", "label_errors"))})
+        self._open_stage(request)
         checks = FileChecks(os.path.join(self._model_dir, "train_checked.json"))
         try:
             good, refused = check_pairs(datastore.datalist(), source="final", checks=checks)
@@ -489,9 +765,9 @@ class Segmentation(BasicTrainTask):
         return good
 
     def _refurbish(self, request, datastore, finals: list[dict], checks: FileChecks | None = None) -> list[dict]:
-        """Swap flagged final labels (previous run's signals) for the current model's prediction. A final label
-        saved again since those signals (an annotator reviewed it, as the review strategy counts it) is the
-        annotator's word and is trained on as it is."""
+        """Swap flagged final labels (previous run's signals) for the current model's prediction (kept in the run's
+        work area until the run finishes). A final label saved again since those signals (an annotator reviewed
+        it, as the review strategy counts it) is the annotator's word and is trained on as it is."""
         store = self.sentinel["store"]()
         signals = store.signals()
         by = _opt(request, "refurbish_signal", "vog")
@@ -507,13 +783,16 @@ class Segmentation(BasicTrainTask):
                 continue
             try:
                 path, _ = infer({"image": d["image"], "device": "cuda" if torch.cuda.is_available() else "cpu"})
-                tag = "refurbished"
-                label_id = datastore.save_label(cid, path, tag, {"source": "refurbishment", "signal": by,
-                                                                 "score": flagged[cid]})
-                new = datastore.get_label_uri(label_id, tag)
+                # into the run's work area; saved under the refurbished tag when the run finishes (``_publish``)
+                new = os.path.join(self._stage, REFURBISHED, cid + _label_ext(path))
+                os.makedirs(os.path.dirname(new), exist_ok=True)
+                shutil.move(path, new)
                 _, bad = check_pairs([{"image": d["image"], "label": new}], source="refurbished", checks=checks)
                 if bad:
+                    os.unlink(new)
                     raise VolumeError(bad[0]["error"])
+                self._staged_labels.append({"case": cid, "file": new, "info": {"source": "refurbishment", "signal": by,
+                                                                               "score": flagged[cid]}})
                 done.append({"case": cid, "final": d["label"], "refurbished": new, by: flagged[cid]})
                 d.update(label=new, source="refurbished")
             except Exception as e:  # a failed refurbishment keeps the human label
