@@ -215,3 +215,91 @@ def test_a_run_killed_while_publishing_is_published_by_the_next_run(server, stud
     for r in runs[-1]["refurbished"]:
         assert r["refurbished"] == os.path.join(studies, "labels", "refurbished", f"{r['case']}.nii.gz")
         assert ds["objects"][r["case"]]["labels"]["refurbished"]["info"]["run_id"] == killed["run_id"]
+
+
+def _restart_after_crash(server) -> None:
+    """The server process alone killed (a crash, the OOM killer): its training process, if any, goes on
+    without it; then the server is started again on the same studies and model folder."""
+    import signal
+
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+    server.start()
+
+
+def test_a_run_left_running_by_a_crashed_server_is_not_doubled_and_a_killed_publish_completes_at_restart(
+        server, studies, store):
+    """Found by crash testing: (1) after a crash of the server alone, MONAI Label no longer knew its training
+    process, which went on; a new POST /train started a second run on the same model at the same time (200), and
+    whichever ended last was published. Now it answers 429 naming the process. (2) A run killed while publishing
+    was published only when a next run started: until then the server inferred with its model while no record
+    showed it. Now the server publishes it when it starts."""
+    import signal
+
+    staging = os.path.join(server.model_dir, "segmentation", "staging")
+    # (1) a long run, and the server crashes under it (the work areas a stopped run of another test left are not
+    # this run's)
+    old = set(glob.glob(os.path.join(staging, "*", "owner.json")))
+    assert requests.post(f"{server.url}/train/segmentation", json={**TRAIN, "max_epochs": 1000},
+                         timeout=60).status_code == 200
+    t_end = time.time() + 300
+    while not set(glob.glob(os.path.join(staging, "*", "owner.json"))) - old:
+        assert time.time() < t_end, server.log()[-4000:]
+        time.sleep(0.2)
+    stage = os.path.dirname((set(glob.glob(os.path.join(staging, "*", "owner.json"))) - old).pop())
+    pid = int(os.path.basename(stage).rsplit("-", 1)[1])
+    try:
+        # frozen first: an orphan may end on its own a moment later (writing to its dead server's pipe), or not;
+        # frozen, it is a live process the whole time, as one that goes on training is
+        os.kill(pid, signal.SIGSTOP)
+        _restart_after_crash(server)
+        os.kill(pid, 0)  # the run outlived its server
+        r = requests.post(f"{server.url}/train/segmentation", json={**TRAIN, "max_epochs": 1}, timeout=60)
+        assert r.status_code == 429 and f"process {pid}" in r.json()["detail"], (r.status_code, r.text)
+        assert os.path.isdir(stage)  # its work area is left alone while it runs
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t_end = time.time() + 30
+    while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        assert time.time() < t_end
+        time.sleep(0.2)
+
+    # (2) a run killed while publishing (COMMITTED.json written, frozen, killed), then the server restarts
+    n_runs = len(store.get_setting("training_runs") or [])
+    assert requests.post(f"{server.url}/train/segmentation", json={**TRAIN, "max_epochs": 2},
+                         timeout=60).status_code == 200
+    t_end, commit = time.time() + 300, None
+    while commit is None:  # watched closely: the run publishes within milliseconds of writing COMMITTED.json
+        found = glob.glob(os.path.join(staging, "*", "COMMITTED.json"))
+        if found:
+            commit = found[0]
+            break
+        assert time.time() < t_end, f"no COMMITTED.json in {staging}:\n{server.log()[-2000:]}"
+        time.sleep(0.001)
+    stage = os.path.dirname(commit)
+    pid = int(os.path.basename(stage).rsplit("-", 1)[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        killed = json.load(open(commit))["run"] if os.path.exists(commit) else None
+        recorded = [r["run_id"] for r in store.get_setting("training_runs") or []]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    if killed is None or killed["run_id"] in recorded:
+        pytest.skip("the run had published everything before it could be stopped")
+    _restart_after_crash(server)
+    t_end = time.time() + 60
+    while not [r for r in store.get_setting("training_runs") or [] if r["run_id"] == killed["run_id"]]:
+        assert time.time() < t_end, f"not published at restart:\n{server.log()[-3000:]}"
+        time.sleep(0.5)
+    assert "while its products were being published: publishing them now" in server.log()
+    runs = store.get_setting("training_runs")
+    assert [r["run_id"] for r in runs[n_runs:]] == [killed["run_id"]] and runs[-1]["status"] == "finished"
+    t_end = time.time() + 30
+    while os.path.isdir(stage):
+        assert time.time() < t_end, os.listdir(stage)
+        time.sleep(0.2)
+    # a run starts again
+    _train(server, max_epochs=1)

@@ -302,6 +302,24 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
             res["corrections_error"] = str(e)
         return res
 
+    def _recover_training_runs(self) -> None:
+        """At start-up, what training runs left in their work areas: a run that finished but whose process ended
+        while it was publishing (server killed) is published now, not only when the next run starts (until then
+        the server inferred with its model while no record, and no label-error signals, showed it); the work of
+        runs that did not finish is discarded. A run still working (its process outlived a crashed server) is left
+        alone. In a thread: publishing copies a model and saves labels."""
+        import threading
+
+        def recover():
+            for name, task in self._trainers.items():
+                if hasattr(task, "recover"):
+                    try:
+                        task.recover(self.datastore())
+                    except Exception as e:  # never stops the server
+                        logger.error(f"training work areas of {name} not recovered at start-up: {e}")
+
+        threading.Thread(target=recover, name="labelsentinel-recover-training", daemon=True).start()
+
     def _save_notes(self, image_id: str, label_id: str) -> dict:
         """What the annotator who saved a final label should know: the case was out with another annotator, or the
         label replaced one saved before (kept in the label history). ``replaced`` and ``warnings`` in the answer
@@ -336,6 +354,7 @@ class SentinelApp(ReasonedNextSample, MONAILabelApp):
         from lib.endpoints import register_routes
 
         register_routes(self)
+        self._recover_training_runs()
         # What start-up built (MONAI Label, torch, the app: hundreds of thousands of objects) is moved out of the
         # garbage collector's reach. A full collection otherwise walks all of it and stalls the request that
         # triggered it: 50 to 240 ms pauses inside next_sample were measured (BENCHMARKS.md, next sample).

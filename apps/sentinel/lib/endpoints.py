@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import threading
+import time
 
 from fastapi import APIRouter, Body, HTTPException, Request
 
@@ -506,6 +508,19 @@ def register_train_route(fastapi_app) -> None:
                 task.check_options(dict(params or {}))
             except ValueError as e:
                 raise HTTPException(status_code=422, detail=str(e)) from e
+        # a run MONAI Label does not list (its server crashed and restarted) still works on the model: not a second
+        orphans = [] if task_busy("train") else (task.live_runs() if hasattr(task, "live_runs") else [])
+        if orphans:
+            r = orphans[0]
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])) if r.get("started") else "?"
+            if r.get("pid") == os.getpid():
+                raise HTTPException(status_code=429, detail=f"a synchronous training run of {model} (run "
+                                    f"{r.get('run_id')}, since {since}) is under way in this server")
+            raise HTTPException(status_code=429, detail=(
+                f"a training run of {model} is still running in process {r['pid']} (run {r.get('run_id')}, since "
+                f"{since}), started before this server restarted, so MONAI Label does not list it; a second run would "
+                f"train at the same time on the same model. Wait for it to finish (it publishes its model as usual) "
+                f"or stop it (kill {r['pid']}), then train again"))
         try:
             if not enqueue:
                 with lock:

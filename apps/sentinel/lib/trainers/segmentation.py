@@ -316,7 +316,10 @@ def _process_started(pid: int) -> float | None:
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # ended, not reaped (an orphan whose new parent does not reap)
+            return None
+        return proc.create_time()
     except psutil.Error:
         return None
 
@@ -658,6 +661,15 @@ class Segmentation(BasicTrainTask):
         killed while publishing (``COMMITTED.json`` there) is published now; any other (stopped with DELETE /train,
         killed, failed) is discarded. A work area whose run still runs (another process) is left alone."""
         root = os.path.join(self._model_dir, STAGING)
+        if not os.path.isdir(root):
+            return
+        from filelock import FileLock
+
+        # one recovery at a time: the server's at start-up and a run's (another process) may meet
+        with FileLock(os.path.join(self._model_dir, "staging.lock")):
+            self._recover(root, datastore)
+
+    def _recover(self, root: str, datastore) -> None:
         try:
             names = sorted(os.listdir(root))
         except OSError:
@@ -676,6 +688,23 @@ class Segmentation(BasicTrainTask):
                     self._discard(stage, "did not finish (stopped with DELETE /train, or its process ended)")
             except Exception as e:  # never stops a new run
                 logger.error(f"training work area {stage} left as it is: {type(e).__name__}: {e}")
+
+    def live_runs(self) -> list[dict]:
+        """The runs whose work area is in use by a process that still runs (a run of this process under way, or
+        of another: MONAI Label's training process, or one left running by a server that crashed and restarted,
+        which MONAI Label no longer knows of): ``run_id``, ``pid``, ``started``."""
+        root = os.path.join(self._model_dir, STAGING)
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            return []
+        out = []
+        for n in names:
+            stage = os.path.join(root, n)
+            if os.path.isdir(stage) and _stage_alive(stage):
+                owner = _read_json(os.path.join(stage, OWNER)) or {}
+                out.append({"run_id": owner.get("run_id"), "pid": owner.get("pid"), "started": owner.get("started")})
+        return out
 
     def load_path(self, output_dir, pretrained=True):
         """The weights a run starts from: the published model, which only a finished run writes, else the
