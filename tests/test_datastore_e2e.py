@@ -129,6 +129,12 @@ def test_unreadable_labels_are_listed_and_their_cases_served_again(server, tmp_p
     assert set(bad) == {"case_003/final", "case_004/final", "case_000/original"}, bad
     assert "cannot be read" in bad["case_003/final"] and "case_003.nii.gz" in bad["case_003/final"]
     assert "integers" in bad["case_004/final"]
+    # not sent to a viewer as it is (Slicer failed on the broken file without a reason): 422 with the reason
+    for cid, tag in (("case_003", "final"), ("case_004", "final"), ("case_000", "original")):
+        r = requests.get(f"{server.url}/datastore/label", params={"label": cid, "tag": tag}, timeout=30)
+        assert r.status_code == 422 and "cannot be read" in r.json()["detail"], (cid, tag, r.status_code, r.text[:300])
+    r = requests.get(f"{server.url}/datastore/label", params={"label": "case_002", "tag": "final"}, timeout=30)
+    assert r.status_code == 200 and len(r.content) > 1000  # a readable label is sent as before
     # and where the project lead looks
     import subprocess
     import sys

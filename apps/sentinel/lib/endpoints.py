@@ -236,6 +236,7 @@ def register_routes(app_instance) -> None:
 
     fastapi_app.include_router(router)
     register_delete_routes(fastapi_app, app_instance)
+    register_label_download_route(fastapi_app, app_instance)
     register_ohif_route(fastapi_app)
     register_activelearning_route(fastapi_app)
     register_train_route(fastapi_app)
@@ -431,6 +432,30 @@ def register_delete_routes(fastapi_app, app_instance) -> None:
     # MONAI Label's older (deprecated) route for the same, still used by older clients
     _add_route_first(fastapi_app, "/datastore/", delete_image, "labelsentinel_remove_image_old", ["DELETE"])
     _add_route_first(fastapi_app, "/datastore/label", delete_label, "labelsentinel_remove_label", ["DELETE"])
+
+
+def register_label_download_route(fastapi_app, app_instance) -> None:
+    """``GET /datastore/label`` as MONAI Label answers it, but a label file that cannot be read (truncated,
+    wrong values: listed under ``unreadable_labels`` in ``/info/``) answers HTTP 422 with the reason instead of
+    being sent as it is (Slicer then failed to load a broken file without saying why)."""
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.datastore import download_label
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    if any(getattr(r, "name", "") == "labelsentinel_download_label" for r in fastapi_app.router.routes):
+        return
+
+    def get_label(label: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        check = getattr(app_instance.datastore(), "label_error", None)
+        err = check(label, tag) if callable(check) else None
+        if err:
+            raise HTTPException(status_code=422, detail=(
+                f"the {tag} label of {label} cannot be read, so it is not sent: {err}. It is listed under "
+                f"unreadable_labels in /info/ and its case is served again; save a new {tag} label for it"))
+        return download_label(label, tag)
+
+    _add_route_first(fastapi_app, "/datastore/label", get_label, "labelsentinel_download_label", ["GET"])
 
 
 def register_activelearning_route(fastapi_app) -> None:
