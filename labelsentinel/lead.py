@@ -265,6 +265,10 @@ def _training_now_text(now: dict | None) -> str:
         return "no training run in progress"
     if "unknown" in now:
         return f"unknown whether a training run is in progress ({now['unknown'][:200]})"
+    if now.get("unlisted"):
+        return (f"a {now['model']} training run is in progress in process {now.get('pid')} (run {now.get('run_id')}, "
+                f"started {now['started']} server time), left running by a server that stopped without ending it; "
+                "MONAI Label does not list it, and a new run is refused until it ends")
     return (f"a {now['model']} training run is in progress, started {now['started']} (server time)"
             + (f", {now['queued']} more queued" if now.get("queued") else "")
             + (f"; its last output line: {now['last_line'][:200]}" if now.get("last_line") else ""))
@@ -330,6 +334,12 @@ def cmd_status(args) -> int:
     s = summarize(q)
     budget = _get(args.server, "/labelsentinel/budget")["status"]
     now = training_now(args.server)
+    unlisted = ((q.get("training") or {}).get("unlisted_runs") or [])
+    if now is None and unlisted:  # a run whose process outlived a crashed server: MONAI Label does not list it
+        r = unlisted[0]
+        now = {"model": r["model"], "run_id": r.get("run_id"), "pid": r.get("pid"), "queued": 0, "last_line": None,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])) if r.get("started") else "?",
+               "unlisted": True}
     if args.json:
         print(json.dumps({"server": args.server, "app": info.get("name"), **s, "training_now": now, "budget": budget},
                          indent=1))

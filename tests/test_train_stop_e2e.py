@@ -256,6 +256,13 @@ def test_a_run_left_running_by_a_crashed_server_is_not_doubled_and_a_killed_publ
         os.kill(pid, 0)  # the run outlived its server
         r = requests.post(f"{server.url}/train/segmentation", json={**TRAIN, "max_epochs": 1}, timeout=60)
         assert r.status_code == 429 and f"process {pid}" in r.json()["detail"], (r.status_code, r.text)
+        # and the project lead sees it (it said "no finished training run yet", nothing in progress)
+        import subprocess
+        import sys
+
+        st = subprocess.run([sys.executable, "-m", "labelsentinel.cli", "status", "--server", server.url],
+                            capture_output=True, text=True, timeout=120)
+        assert st.returncode == 0 and f"training run is in progress in process {pid}" in st.stdout, st.stdout + st.stderr
         assert os.path.isdir(stage)  # its work area is left alone while it runs
     finally:
         try:

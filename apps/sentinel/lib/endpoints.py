@@ -73,6 +73,22 @@ def training_payload(store, datastore=None) -> dict:
             "suspects_from_last_run": bool(latest and last and str(latest["run_id"]) == str(last.get("run_id")))}
 
 
+def unlisted_runs(app_instance) -> list[dict]:
+    """Training runs still working on a model that MONAI Label does not list (their process outlived a crashed
+    server): ``model``, ``run_id``, ``pid``, ``started``. Empty while MONAI Label lists a training task."""
+    try:
+        if task_busy("train"):
+            return []
+        out = []
+        for name, task in (getattr(app_instance, "_trainers", None) or {}).items():
+            if hasattr(task, "live_runs"):
+                out.extend({"model": name, **r} for r in task.live_runs() if r.get("pid") != os.getpid())
+        return out
+    except Exception as e:  # a status answer never fails on it
+        logger.error(f"training runs in progress not known: {e}")
+        return []
+
+
 # One plan replacement at a time in this server (PUT /labelsentinel/budget): what a PUT replaced is read and
 # written in one step. Only the PUT writes the plan.
 _BUDGET_LOCK = threading.Lock()
@@ -161,7 +177,7 @@ def register_routes(app_instance) -> None:
             "leases": store.leases(),
             "corrections": corrections,
             "label_names": {str(k): v for k, v in app_instance.structure_names().items()},
-            "training": training_payload(store, ds),
+            "training": {**training_payload(store, ds), "unlisted_runs": unlisted_runs(app_instance)},
         }
 
     @router.get("/quality")

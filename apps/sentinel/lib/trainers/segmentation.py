@@ -55,6 +55,7 @@ from monai.transforms import (
 )
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from lib.datastore import _atomic_copy, _atomic_write
 from lib.infers.segmentation import HU_WINDOW
 from lib.transforms import LabelIdsToChannelsd
 from labelsentinel.io import VolumeError, grid_difference, load_image, load_label
@@ -269,19 +270,7 @@ _LIVE_LOCK = threading.Lock()
 
 def _atomic_json(path: str, data) -> None:
     """``path`` replaced in one step, flushed to disk first (a reader, or a later start, never sees half a file)."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 def _read_json(path: str):
@@ -290,26 +279,6 @@ def _read_json(path: str):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _atomic_copy(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` through a temp file next to it: a reader (inference loading the published model)
-    sees the old file or the new one, never a partial copy (MONAI Label's publisher used shutil.copy)."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.tmp")
-    try:
-        with open(src, "rb") as s, open(tmp, "wb") as d:
-            shutil.copyfileobj(s, d, 1 << 20)
-            d.flush()
-            os.fsync(d.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _process_started(pid: int) -> float | None:
@@ -590,6 +559,9 @@ class Segmentation(BasicTrainTask):
         best = os.path.join(stage, self._key_metric_filename)
         if self._publish_to and os.path.isfile(best):
             try:
+                # a reader (inference loading the published model) sees the old file or the new one, never a
+                # partial copy (MONAI Label's publisher used shutil.copy)
+                os.makedirs(os.path.dirname(os.path.abspath(self._publish_to)), exist_ok=True)
                 _atomic_copy(best, self._publish_to)
                 logger.info(f"training run {run_id}: model published: {best} => {self._publish_to}")
             except OSError as e:  # nothing published: the run counts as failed
@@ -717,11 +689,7 @@ class Segmentation(BasicTrainTask):
     def _write_json(self, name: str, data: dict) -> None:
         """``MODEL_DIR/segmentation/name`` replaced in one step (a reader never sees half a file)."""
         os.makedirs(self._model_dir, exist_ok=True)
-        path = os.path.join(self._model_dir, name)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        _atomic_json(os.path.join(self._model_dir, name), data)
 
     def pre_process(self, request, datastore):
         # the run's record, completed below and written when the run ends (``_end_run``), never before
