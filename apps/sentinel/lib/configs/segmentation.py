@@ -65,8 +65,9 @@ class Segmentation(TaskConfig):
                                f"({len(self.labels)} structures, preset {self.preset.name}); training starts from scratch")
                 use_pretrained = False
         published = os.path.join(model_dir, f"{name}.pt")
-        # the published model, and the training's own checkpoint (MONAI Label resumes from it first)
-        for trained in (published, os.path.join(model_dir, name, "model.pt")):
+        # the published model: the server infers with it and a training run starts from it (the trainer's
+        # load_path; a run's own checkpoints are no longer resumed from)
+        for trained in (published,):
             why = weights_mismatch(trained, self.network) if os.path.exists(trained) else None
             if why:
                 raise ValueError(
