@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,3 +230,58 @@ def save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
     tmp = path + ".tmp" + (".nii.gz" if path.endswith(".gz") else ".nii")
     nib.save(img, tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_replace(path: str, fill, mode: int | None = None) -> None:
+    """Write ``path`` so that it always holds either its old or its new content: a crash at any moment leaves no
+    empty or partial file (``fill(f)`` writes a temp file in the same folder; fsync; os.replace). ``mode``: the
+    new file's permissions (default: the old file's, else 0o644)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        if mode is None:
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except OSError:
+                mode = 0o644
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    atomic_replace(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` through a temp file next to it (never a partial ``dest``)."""
+
+    def fill(f):
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 1 << 20)
+
+    atomic_replace(dest, fill, mode=0o644)

@@ -576,11 +576,10 @@ def _read_manifest(out: str) -> dict | None:
 
 
 def _write_manifest(out: str, files: dict, ts: float) -> None:
-    path = os.path.join(out, REPORT_MANIFEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"written_by": "labelsentinel report", "ts": ts, "files": files}, f, indent=1)
-    os.replace(tmp, path)
+    from labelsentinel.io import atomic_write
+
+    atomic_write(os.path.join(out, REPORT_MANIFEST),
+                 json.dumps({"written_by": "labelsentinel report", "ts": ts, "files": files}, indent=1).encode())
 
 
 def _start_report_folder(out: str, ts: float) -> dict:

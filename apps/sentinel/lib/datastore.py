@@ -39,7 +39,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from labelsentinel.imagecheck import ImageCheckCache
-from labelsentinel.io import VolumeError, label_upload_problem, load_image, load_label
+from labelsentinel.io import VolumeError, atomic_copy, atomic_write, label_upload_problem, load_image, load_label
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class SentinelDatastore(LocalDatastore):
     def _update_datastore_file(self, lock=True):
         def _write_to_file():
             data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            _atomic_write(self._datastore_config_path, data.encode())
+            atomic_write(self._datastore_config_path, data.encode())
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:
@@ -319,7 +319,7 @@ class SentinelDatastore(LocalDatastore):
                 n += 1
                 dest = os.path.join(dest_dir, f"{stem}.{stamp}-{n}{ext}")
             if copy:
-                _atomic_copy(path, dest)
+                atomic_copy(path, dest)
             else:
                 os.replace(path, dest)
         logger.warning(f"{path} {'copied' if copy else 'moved'} to {dest}: {why}")
@@ -470,7 +470,7 @@ class SentinelDatastore(LocalDatastore):
                 for f in self._label_files(tag_dir, image_id) if os.path.isdir(tag_dir) else []:
                     self._move_to_history(os.path.join(tag_dir, f), tag,
                                           f"left from an earlier image {image_id}; not a label of the new upload")
-            _atomic_copy(image_filename, dest)
+            atomic_copy(image_filename, dest)
             info = dict(image_info or {})
             info["ts"] = int(time.time())
             info["name"] = name
@@ -542,7 +542,7 @@ class SentinelDatastore(LocalDatastore):
             before, kept = obj.labels.get(label_tag), None
             if os.path.isfile(dest):  # the label it replaces goes to the history first: no saved label is lost
                 kept = self._move_to_history(dest, label_tag, f"replaced by the {label_tag} label just saved", copy=True)
-            _atomic_copy(label_filename, dest)
+            atomic_copy(label_filename, dest)
             for f in self._label_files(label_path, image_id):
                 if f != name:
                     kept = self._move_to_history(os.path.join(label_path, f), label_tag,
@@ -556,57 +556,3 @@ class SentinelDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
         return image_id
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_replace(path: str, fill, mode: int | None = None) -> None:
-    """Write ``path`` so that it always holds either its old or its new content: a crash at any moment leaves no
-    empty or partial file (``fill(f)`` writes a temp file in the same folder; fsync; os.replace). ``mode``: the
-    new file's permissions (default: the old file's, else 0o644)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
-    try:
-        if mode is None:
-            try:
-                mode = os.stat(path).st_mode & 0o777
-            except OSError:
-                mode = 0o644
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    _atomic_replace(path, lambda f: f.write(data))
-
-
-def _atomic_copy(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` through a temp file next to it (never a partial ``dest``)."""
-
-    def fill(f):
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f, 1 << 20)
-
-    _atomic_replace(dest, fill, mode=0o644)

@@ -104,8 +104,6 @@ def same_plan(plan: dict | None, expected_ts) -> bool:
 
 
 def describe_plan(plan: dict) -> str:
-    import time
-
     ts = plan.get("ts")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else "?"
     budget = " and ".join(([f"{plan['budget_cases']} cases"] if plan.get("budget_cases") is not None else [])

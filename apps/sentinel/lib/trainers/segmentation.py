@@ -19,9 +19,9 @@ cache; plus its refurbished labels and signals); when it finishes it writes ``CO
 publishes: the best model to the published path (atomically: inference sees the old or the new file), the
 refurbished labels into the datastore (tagged with the ``run_id``), the signals into the record store, the
 checkpoints into ``MODEL_DIR/segmentation/<name>/`` as MONAI Label keeps them, the record; then the folder is
-removed. The next run first looks at what is left there: the work of a run that did not finish (stopped, killed,
-failed) is discarded; that of a run killed while publishing (``COMMITTED.json`` there) is published. A work area
-whose process still runs is left alone.
+removed. The next run, and the server when it starts, first look at what is left there: the work of a run that
+did not finish (stopped, killed, failed) is discarded; that of a run killed while publishing (``COMMITTED.json``
+there) is published. A work area whose process still runs is left alone.
 """
 
 from __future__ import annotations
@@ -55,10 +55,9 @@ from monai.transforms import (
 )
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.datastore import _atomic_copy, _atomic_write
 from lib.infers.segmentation import HU_WINDOW
 from lib.transforms import LabelIdsToChannelsd
-from labelsentinel.io import VolumeError, grid_difference, load_image, load_label
+from labelsentinel.io import VolumeError, atomic_copy, atomic_write, grid_difference, load_image, load_label
 from labelsentinel.strategies.corrections import load_calibration
 from labelsentinel.strategies.label_errors import LabelErrorSignals, reviewed_since, suspects
 from labelsentinel.strategies.pseudolabels import DEFAULTS as PSEUDO, RULES, select_pseudo_labels
@@ -270,7 +269,7 @@ _LIVE_LOCK = threading.Lock()
 
 def _atomic_json(path: str, data) -> None:
     """``path`` replaced in one step, flushed to disk first (a reader, or a later start, never sees half a file)."""
-    _atomic_write(path, json.dumps(data, indent=1).encode())
+    atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 def _read_json(path: str):
@@ -562,7 +561,7 @@ class Segmentation(BasicTrainTask):
                 # a reader (inference loading the published model) sees the old file or the new one, never a
                 # partial copy (MONAI Label's publisher used shutil.copy)
                 os.makedirs(os.path.dirname(os.path.abspath(self._publish_to)), exist_ok=True)
-                _atomic_copy(best, self._publish_to)
+                atomic_copy(best, self._publish_to)
                 logger.info(f"training run {run_id}: model published: {best} => {self._publish_to}")
             except OSError as e:  # nothing published: the run counts as failed
                 shutil.rmtree(stage, ignore_errors=True)
